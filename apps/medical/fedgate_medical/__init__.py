@@ -1,0 +1,1 @@
+"""Reference Flower app for fedgate: brain-MRI (Br35H) tumour classification."""

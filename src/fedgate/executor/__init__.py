@@ -1,0 +1,1 @@
+"""Flower integration: thin wiring from Flower's executors to the gate pipeline."""

@@ -1,0 +1,273 @@
+"""Policy as frozen dataclasses, parsed from TOML with errors that name the bad key."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fedgate.canonical import canonical_json, decimal_str
+from fedgate.errors import PolicyError
+
+MESSAGE_TYPES = ("train", "evaluate", "query")
+
+
+@dataclass(frozen=True)
+class MetricRule:
+    step: float
+    min: float
+    max: float
+
+    @property
+    def levels(self) -> int:
+        """How many values the quantised metric can take."""
+        return round((self.max - self.min) / self.step) + 1
+
+    def quantise(self, value: float) -> float:
+        clipped = min(max(value, self.min), self.max)
+        index = round((clipped - self.min) / self.step)
+        return min(self.min + index * self.step, self.max)
+
+
+@dataclass(frozen=True)
+class NumExamplesRule:
+    mode: str  # "bucket" | "constant"
+    step: int
+    max: int
+
+    @property
+    def levels(self) -> int:
+        return 1 if self.mode == "constant" else self.max // self.step
+
+    def quantise(self, value: int) -> int:
+        if self.mode == "constant":
+            return 1
+        bucket = max(1, round(value / self.step)) * self.step
+        return min(bucket, (self.max // self.step) * self.step)
+
+
+@dataclass(frozen=True)
+class Policy:
+    approved_manifest: str
+    clip_norm: float
+    noise_multiplier: float
+    noise_mode: str
+    hospitals: int
+    metrics: tuple[tuple[str, MetricRule], ...]
+    num_examples: NumExamplesRule
+    allowed_types: tuple[str, ...]
+    on_refusal: str
+    max_total_bits: float
+    review_mode: str = "never"
+    review_timeout_s: float = 3600.0
+
+    def review_required(self, server_round: int, warnings: tuple[str, ...]) -> bool:
+        if self.review_mode == "always":
+            return True
+        if self.review_mode == "on-warning":
+            return bool(warnings)
+        if self.review_mode.startswith("first-rounds:"):
+            return server_round <= int(self.review_mode.split(":", 1)[1])
+        return False
+
+    @property
+    def metric_rules(self) -> dict[str, MetricRule]:
+        return dict(self.metrics)
+
+    @property
+    def sigma(self) -> float:
+        """The standard deviation this hospital adds to each coordinate of the update."""
+        sigma = self.noise_multiplier * self.clip_norm
+        return sigma / math.sqrt(self.hospitals) if self.noise_mode == "distributed" else sigma
+
+    def to_json(self) -> dict[str, Any]:
+        """The effective policy, floats as decimal strings: this is what gets hashed."""
+        return {
+            "manifest": {"approved": self.approved_manifest},
+            "update": {
+                "clip_norm": decimal_str(self.clip_norm),
+                "noise_multiplier": decimal_str(self.noise_multiplier),
+                "noise_mode": self.noise_mode,
+                "hospitals": self.hospitals,
+            },
+            "metrics": {
+                name: {"step": decimal_str(r.step), "min": decimal_str(r.min), "max": decimal_str(r.max)}
+                for name, r in self.metrics
+            },
+            "num_examples": {
+                "mode": self.num_examples.mode,
+                "step": self.num_examples.step,
+                "max": self.num_examples.max,
+            },
+            "messages": {"allowed_types": list(self.allowed_types)},
+            "refusal": {"on_refusal": self.on_refusal},
+            "review": {"mode": self.review_mode, "timeout_s": decimal_str(self.review_timeout_s)},
+            "budget": {"max_total_bits": decimal_str(self.max_total_bits)},
+        }
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.to_json())).hexdigest()
+
+
+def default_policy_text() -> str:
+    return resources.files("fedgate.policy").joinpath("default.toml").read_text()
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used so that unknown ones are errors."""
+
+    def __init__(self, data: dict[str, Any], name: str) -> None:
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise PolicyError(f"[{name}] must be a table")
+        self.raw, self.name = raw, name
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type, default: Any) -> Any:
+        self.used.add(key)
+        value = self.raw.get(key, default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PolicyError(f"{self.name}.{key} must be {kind.__name__}, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.raw) - self.used)
+        if unknown:
+            raise PolicyError(f"unknown key(s) in [{self.name}]: {', '.join(unknown)}")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise PolicyError(f"{key}: {message}")
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"{source} is not valid TOML: {err}") from err
+    known = {"manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "budget"}
+    unknown = sorted(set(data) - known)
+    _require(not unknown, "policy", f"unknown table(s) {unknown}; expected {sorted(known)}")
+
+    manifest = _Section(data, "manifest")
+    approved = manifest.get("approved", str, "").lower()
+    manifest.finish()
+    _require(
+        approved == "" or (len(approved) == 64 and all(c in "0123456789abcdef" for c in approved)),
+        "manifest.approved",
+        "must be empty or a 64-hex-digit SHA-256",
+    )
+
+    update = _Section(data, "update")
+    clip_norm = update.get("clip_norm", float, 1.0)
+    noise_multiplier = update.get("noise_multiplier", float, 0.01)
+    noise_mode = update.get("noise_mode", str, "local")
+    hospitals = update.get("hospitals", int, 1)
+    update.finish()
+    _require(math.isfinite(clip_norm) and clip_norm > 0, "update.clip_norm", f"must be > 0, got {clip_norm}")
+    _require(
+        math.isfinite(noise_multiplier) and noise_multiplier >= 0,
+        "update.noise_multiplier",
+        f"must be >= 0, got {noise_multiplier}",
+    )
+    _require(
+        noise_mode in ("local", "distributed"),
+        "update.noise_mode",
+        f"must be 'local' or 'distributed', got {noise_mode!r}",
+    )
+    _require(hospitals >= 1, "update.hospitals", f"must be >= 1, got {hospitals}")
+
+    raw_metrics = data.get("metrics", {})
+    _require(isinstance(raw_metrics, dict), "metrics", "must be a table of name = {step, min, max}")
+    metrics: list[tuple[str, MetricRule]] = []
+    for name, rule in sorted(raw_metrics.items()):
+        _require(name != "num-examples", f"metrics.{name}", "num-examples is set in [num_examples]")
+        _require(isinstance(rule, dict), f"metrics.{name}", "must be {step = ..., min = ..., max = ...}")
+        section = _Section({name: rule}, name)
+        section.name = f"metrics.{name}"
+        step = section.get("step", float, None)
+        lo = section.get("min", float, None)
+        hi = section.get("max", float, None)
+        section.finish()
+        _require(step > 0 and math.isfinite(step), f"metrics.{name}.step", "must be > 0")
+        _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi, f"metrics.{name}", "needs finite min < max")
+        metrics.append((name, MetricRule(step, lo, hi)))
+
+    num = _Section(data, "num_examples")
+    num_rule = NumExamplesRule(num.get("mode", str, "bucket"), num.get("step", int, 100), num.get("max", int, 100000))
+    num.finish()
+    _require(
+        num_rule.mode in ("bucket", "constant"),
+        "num_examples.mode",
+        f"must be 'bucket' or 'constant', got {num_rule.mode!r}",
+    )
+    _require(num_rule.step >= 1, "num_examples.step", "must be >= 1")
+    _require(num_rule.max >= num_rule.step, "num_examples.max", "must be >= step")
+
+    messages = _Section(data, "messages")
+    allowed = messages.get("allowed_types", list, ["train", "evaluate"])
+    messages.finish()
+    bad = [t for t in allowed if t not in MESSAGE_TYPES]
+    _require(
+        not bad and bool(allowed),
+        "messages.allowed_types",
+        f"must be a non-empty subset of {list(MESSAGE_TYPES)}; bad: {bad}",
+    )
+
+    refusal = _Section(data, "refusal")
+    on_refusal = refusal.get("on_refusal", str, "continue")
+    refusal.finish()
+    _require(
+        on_refusal in ("continue", "halt"), "refusal.on_refusal", f"must be 'continue' or 'halt', got {on_refusal!r}"
+    )
+
+    review = _Section(data, "review")
+    review_mode = review.get("mode", str, "never")
+    review_timeout_s = review.get("timeout_s", float, 3600.0)
+    review.finish()
+    rounds = review_mode.removeprefix("first-rounds:")
+    _require(
+        review_mode in ("never", "always", "on-warning")
+        or (review_mode.startswith("first-rounds:") and rounds.isdigit() and int(rounds) >= 1),
+        "review.mode",
+        f"must be 'never', 'always', 'on-warning' or 'first-rounds:N' (N >= 1), got {review_mode!r}",
+    )
+    _require(0 < review_timeout_s < math.inf, "review.timeout_s", f"must be > 0 seconds, got {review_timeout_s}")
+
+    budget = _Section(data, "budget")
+    max_total_bits = budget.get("max_total_bits", float, 0.0)
+    budget.finish()
+    _require(max_total_bits >= 0, "budget.max_total_bits", "must be >= 0 (0: no limit)")
+
+    return Policy(
+        approved_manifest=approved,
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        noise_mode=noise_mode,
+        hospitals=hospitals,
+        metrics=tuple(metrics),
+        num_examples=num_rule,
+        allowed_types=tuple(allowed),
+        on_refusal=on_refusal,
+        max_total_bits=max_total_bits,
+        review_mode=review_mode,
+        review_timeout_s=review_timeout_s,
+    )
+
+
+def load_policy(path: Path | None) -> Policy:
+    """The policy at `path`, or the shipped default when `path` is None."""
+    if path is None:
+        return parse_policy(default_policy_text(), "default policy")
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"policy file {path} does not exist (create one with `fedgate policy init {path}`)")
+    return parse_policy(path.read_text(), str(path))

@@ -1,0 +1,1 @@
+"""Human review: replies held until a person approves or rejects them."""

@@ -1,0 +1,40 @@
+"""A ServerApp that keeps every byte it receives, so tests can search it for the canary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.serde import message_to_proto
+from flwr.serverapp import Grid, ServerApp
+
+from conftest import array_record, tiny_model
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    capture = Path(str(context.run_config["capture-file"]))
+    expected = int(context.run_config["num-hospitals"])
+    deadline = time.monotonic() + 60
+    while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)  # nodes register with the in-memory link a moment after start
+    received = bytearray()
+    for server_round, message_type in ((1, "train"), (1, "evaluate"), (2, "train")):
+        messages = [
+            Message(
+                RecordDict(
+                    {"arrays": array_record(tiny_model()), "config": ConfigRecord({"server-round": server_round})}
+                ),
+                dst_node_id=node,
+                message_type=message_type,
+            )
+            for node in node_ids
+        ]
+        for reply in grid.send_and_receive(messages, timeout=120):
+            received += message_to_proto(reply).SerializeToString()
+            if reply.has_error():
+                received += reply.error.reason.encode()
+    capture.write_bytes(bytes(received))
