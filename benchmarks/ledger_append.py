@@ -6,8 +6,9 @@ Reports, as medians over the repeats, in one process (these machines are noisy):
   - raw:     hashlib.sha256 over the payload bytes (the floor: the ledger must hash them once)
   - append:  Ledger.append with that payload (hash + blob write + fsync of file and folder
              + SQLite WAL commit with synchronous=FULL + tree head signature)
-  - fsync:   write + fsync of the same bytes to a plain file, to show what the disk costs
-and the throughput ratios raw/append and raw/(append - fsync). Target: append >= 0.8x raw."""
+  - disk:    write + fsync of the same bytes to a plain file (what the disk alone costs),
+             and an fsync of 1 MiB
+and the throughput ratios raw/append and disk/append. Target: append >= 0.8x raw sha256."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedgate.ledger.store import Ledger
+from fedgate.ledger.store import CHUNK, Ledger
 
 
 def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -43,34 +44,42 @@ def main() -> None:
         folder = Path(tmp)
         with Ledger(folder / "ledger") as ledger:
             ledger.append({"kind": "warm-up"})  # key creation and schema are not the steady state
-            counter = iter(range(10**9))
+            # A distinct payload each time, as each round's model differs (no dedup shortcut);
+            # built before timing so that only the append is measured.
+            distinct = iter([index.to_bytes(8, "little") + payload[8:] for index in range(args.repeats)])
 
             def append() -> None:
-                # A distinct payload each time, as each round's model differs (no dedup shortcut).
-                data = bytearray(payload)
-                data[:8] = next(counter).to_bytes(8, "little")
-                ledger.append({"kind": "benchmark"}, {"sent": bytes(data)})
+                ledger.append({"kind": "benchmark"}, {"sent": next(distinct)})
 
             def raw() -> None:
                 hashlib.sha256(payload).digest()
 
             def write_fsync() -> None:
+                view = memoryview(payload)
                 with open(folder / "plain.bin", "wb", buffering=0) as handle:
-                    handle.write(payload)
+                    for start in range(0, len(view), CHUNK):
+                        handle.write(view[start : start + CHUNK])
+                    os.fsync(handle.fileno())
+
+            def fsync_only() -> None:
+                with open(folder / "plain.bin", "rb+", buffering=0) as handle:
+                    handle.write(payload[:CHUNK])  # dirty one chunk again, as an append's rename needs
                     os.fsync(handle.fileno())
 
             t_raw = timed(raw, args.repeats)
             t_append = timed(append, args.repeats)
-            t_fsync = timed(write_fsync, args.repeats)
+            t_disk = timed(write_fsync, args.repeats)
+            t_fsync = timed(fsync_only, args.repeats)
             t_raw_after = timed(raw, args.repeats)  # the baseline again, to see drift
     mb = len(payload) / 1e6
     raw_best = min(t_raw, t_raw_after)
     print(f"payload {mb:.1f} MB, {args.repeats} repeats, medians")
     print(f"raw sha256        {raw_best * 1e3:8.1f} ms  {mb / raw_best:8.0f} MB/s")
     print(f"ledger append     {t_append * 1e3:8.1f} ms  {mb / t_append:8.0f} MB/s")
-    print(f"write + fsync     {t_fsync * 1e3:8.1f} ms  {mb / t_fsync:8.0f} MB/s")
-    print(f"ratio append / raw (throughput):               {raw_best / t_append:.2f}x")
-    print(f"ratio append without disk (append - fsync) / raw: {raw_best / max(t_append - t_fsync, 1e-9):.2f}x")
+    print(f"write + fsync     {t_disk * 1e3:8.1f} ms  {mb / t_disk:8.0f} MB/s  (plain file, same chunking)")
+    print(f"fsync of 1 MiB    {t_fsync * 1e3:8.1f} ms")
+    print(f"ratio append / raw sha256 (throughput): {raw_best / t_append:.2f}x   (target >= 0.8x)")
+    print(f"ratio append / plain write + fsync:     {t_disk / t_append:.2f}x")
 
 
 if __name__ == "__main__":

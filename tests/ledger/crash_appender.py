@@ -8,8 +8,9 @@ from pathlib import Path
 from fedgate.ledger.store import Ledger
 
 folder = Path(sys.argv[1])
+size = int(sys.argv[2])
 with Ledger(folder) as ledger:
     while True:
-        receipt = ledger.append({"kind": "crash-test", "pid": os.getpid()}, {"sent": os.urandom(64 * 1024)})
+        receipt = ledger.append({"kind": "crash-test", "pid": os.getpid()}, {"sent": os.urandom(size)})
         sys.stdout.write(f"{receipt.seq}\n")
         sys.stdout.flush()
