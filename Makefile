@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export OMP_NUM_THREADS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup browser-deps demo test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# Browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  else \
+	    echo "WARNING: /usr/bin/chromium is missing and cannot be installed here: browser tests will be SKIPPED"; \
+	  fi; \
+	fi
+
 demo: setup
 	$(BIN)/fedgate demo
 
@@ -31,7 +41,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup
+unit: setup browser-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -22,7 +22,8 @@ def main(grid: Grid, context: Context) -> None:
     while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
         time.sleep(0.1)  # nodes register with the in-memory link a moment after start
     received = bytearray()
-    for server_round, message_type in ((1, "train"), (1, "evaluate"), (2, "train")):
+    phases = str(context.run_config.get("phases", "train:1,evaluate:1,train:2")).split(",")
+    for message_type, server_round in (phase.split(":") for phase in phases):
         messages = [
             Message(
                 RecordDict(

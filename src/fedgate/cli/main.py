@@ -20,6 +20,7 @@ from rich.table import Table
 
 from fedgate.cli.ledger_cmd import ledger_app
 from fedgate.cli.policy_cmd import policy_app
+from fedgate.cli.report_cmd import report
 from fedgate.cli.review_cmd import review
 from fedgate.errors import FedgateError
 from fedgate.policy import load_policy
@@ -34,6 +35,7 @@ app = typer.Typer(
 app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
 app.command()(review)
+app.command()(report)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -96,11 +98,13 @@ def _run(
     config: dict[str, bool | int | float | str],
     verbose: bool,
 ) -> None:
-    from fedgate.executor.simulation import RunSpec, run_federation
+    from fedgate.executor.simulation import RunSpec, run_federation, write_reports
 
     spec = RunSpec(client_app, server_app, hospitals, rounds, out, load_policy(policy), config, verbose)
     summary = run_federation(spec, console)
     console.print(_final_table(summary))
+    for path in write_reports(summary):
+        console.print(f"report for the data-protection officer: {path}")
     accuracy, auc = summary["final_accuracy"], summary["final_auc"]
     if accuracy is not None:
         console.print(f"final test accuracy [bold]{accuracy:.3f}[/], AUC {auc:.3f}")

@@ -1,0 +1,1 @@
+"""The report for the hospital's data-protection officer: one self-contained HTML file."""

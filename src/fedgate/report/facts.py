@@ -1,0 +1,147 @@
+"""What the report says, read from a ledger: pure data, no HTML and no plots."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedgate.errors import LedgerError, LedgerVerificationError
+from fedgate.gate.pipeline import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_SENT
+from fedgate.ledger.store import Ledger
+from fedgate.ledger.verify import verify_ledger
+
+
+@dataclass
+class ReplyRow:
+    seq: int
+    time: str
+    run_id: int
+    round: int
+    message_type: str
+    sent: bool
+    bytes: int
+    bits: float
+    cumulative_bits: float
+    rule: str
+    destination: str
+    warnings: list[str]
+
+
+@dataclass
+class ReportFacts:
+    ledger_path: str
+    verified: bool
+    verification: str
+    hospital: str = ""
+    replies: list[ReplyRow] = field(default_factory=list)
+    reviews: list[dict[str, Any]] = field(default_factory=list)
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    tensor_names: list[str] = field(default_factory=list)
+    metric_names: list[str] = field(default_factory=list)
+    manifest_hashes: list[str] = field(default_factory=list)
+    stored_bytes: int = 0
+
+    @property
+    def sent(self) -> list[ReplyRow]:
+        return [r for r in self.replies if r.sent]
+
+    @property
+    def refused(self) -> list[ReplyRow]:
+        return [r for r in self.replies if not r.sent]
+
+    @property
+    def destinations(self) -> list[str]:
+        return sorted({r.destination for r in self.sent})
+
+    @property
+    def refusal_rules(self) -> dict[str, int]:
+        return dict(Counter(r.rule for r in self.refused))
+
+    @property
+    def review_counts(self) -> dict[str, int]:
+        return dict(Counter(r["status"] for r in self.reviews))
+
+    @property
+    def max_bits_per_reply(self) -> float:
+        return max((r.bits for r in self.sent), default=0.0)
+
+    @property
+    def total_bits(self) -> float:
+        return sum(r.bits for r in self.sent)
+
+
+def read_facts(ledger_folder: Path) -> ReportFacts:
+    """Verify first, then read. A ledger that does not verify is still reported, as such."""
+    ledger_folder = Path(ledger_folder)
+    if (ledger_folder / "ledger" / "ledger.sqlite").is_file():
+        ledger_folder = ledger_folder / "ledger"
+    try:
+        result = verify_ledger(ledger_folder)
+        facts = ReportFacts(
+            str(ledger_folder),
+            True,
+            f"verified: {result.entries} entries, {result.tree_heads} signed tree heads, "
+            f"root {result.root}, signing key {result.key_id}",
+        )
+    except LedgerVerificationError as err:
+        where = f" (first broken entry: {err.seq})" if err.seq is not None else ""
+        facts = ReportFacts(str(ledger_folder), False, f"{err}{where}")
+    with Ledger(ledger_folder, create=False) as ledger:
+        entries = ledger.entries()
+    metrics: set[str] = set()
+    manifests: set[str] = set()
+    for entry in entries:
+        kind = entry.get("kind")
+        facts.hospital = facts.hospital or str(entry.get("hospital", ""))
+        facts.stored_bytes += sum(int(p.get("size", 0)) for p in entry.get("payloads", {}).values())
+        if kind == KIND_POLICY:
+            facts.policies.append(entry)
+        elif kind == KIND_REVIEW:
+            facts.reviews.append(entry)
+        elif kind in (KIND_SENT, KIND_REFUSED):
+            decision = entry.get("decision", {})
+            sent = kind == KIND_SENT
+            payload = entry.get("payloads", {}).get("sent", {})
+            facts.replies.append(
+                ReplyRow(
+                    seq=int(entry["seq"]),
+                    time=str(entry["time"]),
+                    run_id=int(entry.get("run_id", 0)),
+                    round=int(entry.get("round", 0)),
+                    message_type=str(entry.get("message_type", "")),
+                    sent=sent,
+                    bytes=int(payload.get("size", 0)),
+                    bits=float(decision.get("bound", {}).get("total_bits", 0)),
+                    cumulative_bits=float(entry.get("cumulative_bits", 0)),
+                    rule=str(decision.get("rule", "")),
+                    destination=str(entry.get("destination", "")),
+                    warnings=list(decision.get("warnings", [])),
+                )
+            )
+            if sent:
+                for stage in decision.get("stages", []):
+                    if stage.get("stage") == "metrics":
+                        metrics.update(stage.get("detail", {}))
+                if decision.get("manifest_hash"):
+                    manifests.add(decision["manifest_hash"])
+    facts.metric_names = sorted(metrics)
+    facts.manifest_hashes = sorted(manifests)
+    facts.tensor_names = _tensor_names(ledger_folder, facts)
+    return facts
+
+
+def _tensor_names(ledger_folder: Path, facts: ReportFacts) -> list[str]:
+    """The tensor names of the model that left, read from the last payload sent."""
+    from fedgate.gate.pipeline import content_from_bytes
+
+    with Ledger(ledger_folder, create=False) as ledger:
+        for entry in reversed(ledger.entries()):
+            if entry.get("kind") == KIND_SENT and entry.get("message_type", "").startswith("train"):
+                try:
+                    content = content_from_bytes(ledger.blobs.get(entry["payloads"]["sent"]["sha256"]))
+                except (LedgerError, ValueError, KeyError):
+                    return []
+                return [name for record in content.array_records.values() for name in record]
+    return []
