@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid, ServerApp
 
-from conftest import array_record, tiny_model
+from model_fixtures import array_record, tiny_model
 
 app = ServerApp()
 

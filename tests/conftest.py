@@ -11,25 +11,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+from model_fixtures import array_record, tiny_model
 
 RUN_ID = 4242
 NODE_ID = 17
-
-
-def tiny_model(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
-        "conv.bias": np.zeros(4, dtype=np.float32),
-        "fc.weight": rng.normal(size=(2, 4)).astype(np.float32),
-        "steps": np.array([3], dtype=np.int64),
-    }
-
-
-def array_record(tensors: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(value) for name, value in tensors.items()})
 
 
 def instruction(

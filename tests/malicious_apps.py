@@ -5,6 +5,7 @@ hospital i plays the attack named at position i of the run config's `attacks`.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -160,6 +161,38 @@ ATTACKS: dict[str, Callable[[Message], Message]] = {
     "integer-tensor": changed_integer_tensor,
 }
 
+# What the gate does with each attack, in either executor (the tests of both share this).
+ATTACK_RULES: dict[str, str | None] = {
+    "honest": None,
+    "extra-array-record": "extra-record",
+    "config-record": "config-record",
+    "metric-string": "metric-not-allowed",
+    "float64": "manifest",
+    "changed-shape": "manifest",
+    "added-tensor": "manifest",
+    "nan": "non-finite",
+    "huge-norm": None,  # clipped, then sent
+    "bytes-in-weights": None,  # sent, but clipped and noised
+    "wrong-reply-to": "reply-mismatch",
+    "raises": "client-error",
+    "metrics-renamed": "extra-record",
+}
+
+
+def check_refusals(summary: dict[str, Any], attacks: list[str]) -> None:
+    """Hospital i played attacks[i] on both of its train messages (rounds 1 and 2)."""
+    for index, attack in enumerate(attacks):
+        hospital = f"hospital-{index}"
+        expected = ATTACK_RULES[attack]
+        refusals = summary["refusals"].get(hospital, [])
+        if expected is None:
+            assert not refusals, (attack, refusals)
+            assert summary["egress"][hospital]["replies_sent"] == 3
+        else:  # both train replies refused by the rule; the honest evaluate reply went out
+            assert [(r["round"], r["rule"]) for r in refusals] == [(1, expected), (2, expected)], (attack, refusals)
+            assert summary["egress"][hospital]["replies_sent"] == 1
+
+
 app = ClientApp()
 
 
@@ -168,7 +201,13 @@ def _dispatch(msg: Message, context: Context) -> Message:
     refusals name exactly one rule."""
     attacks = str(context.run_config.get("attacks", "honest")).split(",")
     attack = attacks[int(context.node_config["partition-id"]) % len(attacks)]
-    return ATTACKS[attack](msg) if msg.metadata.message_type == "train" else honest(msg)
+    if msg.metadata.message_type != "train":
+        return honest(msg)
+    if attack == "sandbox-escape":  # deployment only: tries every way out, reports it as metrics
+        import sandbox_apps
+
+        return sandbox_apps.train(msg, context)
+    return ATTACKS[attack](msg)
 
 
 app.train()(_dispatch)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from malicious_apps import CANARY, CANARY_TEXT
+from malicious_apps import ATTACK_RULES, CANARY, CANARY_TEXT, check_refusals
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -64,23 +64,6 @@ def test_every_hospital_ledger_verifies(reference_run: tuple[Path, dict[str, Any
         assert "5 entries" in result.stdout  # the policy, then 2 rounds x (train + evaluate)
 
 
-ATTACK_RULES = {
-    "honest": None,
-    "extra-array-record": "extra-record",
-    "config-record": "config-record",
-    "metric-string": "metric-not-allowed",
-    "float64": "manifest",
-    "changed-shape": "manifest",
-    "added-tensor": "manifest",
-    "nan": "non-finite",
-    "huge-norm": None,  # clipped, then sent
-    "bytes-in-weights": None,  # sent, but clipped and noised
-    "wrong-reply-to": "reply-mismatch",
-    "raises": "client-error",
-    "metrics-renamed": "extra-record",
-}
-
-
 def test_malicious_hospitals_are_refused_others_go_on_and_the_canary_never_leaves(tmp_path: Path) -> None:
     attacks = list(ATTACK_RULES)
     capture = tmp_path / "server-received.bin"
@@ -91,16 +74,7 @@ def test_malicious_hospitals_are_refused_others_go_on_and_the_canary_never_leave
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for index, attack in enumerate(attacks):
-        hospital = f"hospital-{index}"
-        expected = ATTACK_RULES[attack]
-        refusals = summary["refusals"].get(hospital, [])
-        if expected is None:
-            assert not refusals, (attack, refusals)
-            assert summary["egress"][hospital]["replies_sent"] == 3
-        else:  # both train replies refused by the rule; the honest evaluate reply went out
-            assert [(r["round"], r["rule"]) for r in refusals] == [(1, expected), (2, expected)], (attack, refusals)
-            assert summary["egress"][hospital]["replies_sent"] == 1
+    check_refusals(summary, attacks)
     received = capture.read_bytes()
     assert len(received) > 10_000  # the honest replies did arrive
     for form in (CANARY, CANARY_TEXT.encode("utf-16-le"), CANARY.hex().encode(), b"patient-0042"):

@@ -4,6 +4,7 @@ the held-out global test split after every round."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -26,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy, auc = evaluate(model, test_set)
         if cfg.metrics_file:
-            line = {"round": server_round, "loss": loss, "accuracy": accuracy, "auc": auc}
+            line = {"round": server_round, "loss": loss, "accuracy": accuracy, "auc": auc, "time": time.time()}
             with Path(cfg.metrics_file).open("a") as handle:
                 handle.write(json.dumps(line) + "\n")
         return MetricRecord({"loss": loss, "accuracy": accuracy, "auc": auc})

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedgate.cli.ledger_cmd import ledger_app
+from fedgate.cli.node_cmd import node
 from fedgate.cli.policy_cmd import policy_app
 from fedgate.cli.report_cmd import report
 from fedgate.cli.review_cmd import review
@@ -36,6 +37,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
 app.command()(review)
 app.command()(report)
+app.command()(node)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -102,9 +104,13 @@ def _run(
 
     spec = RunSpec(client_app, server_app, hospitals, rounds, out, load_policy(policy), config, verbose)
     summary = run_federation(spec, console)
-    console.print(_final_table(summary))
+    _print_outcome(summary, out)
     for path in write_reports(summary):
         console.print(f"report for the data-protection officer: {path}")
+
+
+def _print_outcome(summary: dict[str, Any], out: Path) -> None:
+    console.print(_final_table(summary))
     accuracy, auc = summary["final_accuracy"], summary["final_auc"]
     if accuracy is not None:
         console.print(f"final test accuracy [bold]{accuracy:.3f}[/], AUC {auc:.3f}")
@@ -148,10 +154,26 @@ def demo(
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 12,
     policy: Annotated[Path | None, typer.Option(help="Hospital policy TOML (default: the shipped policy).")] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
+    deploy: Annotated[
+        bool,
+        typer.Option(
+            help="Run as separate processes on loopback: flower-superlink (TLS, SuperNode authentication), "
+            "one flower-supernode + fedgate node (sandboxed ClientApp) per hospital, submitted with flwr run."
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
 ) -> None:
     """The main job: brain-MRI tumour classification (Br35H) across 5 hospitals with
     Dirichlet(0.5) label skew, every reply gated, clipped, noised and recorded."""
+    if deploy:
+        from fedgate.executor.local_federation import run_local_deployment
+        from fedgate.executor.simulation import write_reports
+
+        summary = run_local_deployment(out, hospitals, rounds, policy, dict(DEMO_CONFIG), console)
+        _print_outcome(summary, out)
+        for path in write_reports(summary):
+            console.print(f"report for the data-protection officer: {path}")
+        return
     _run(
         "fedgate_medical.client_app:app",
         "fedgate_medical.server_app:app",

@@ -11,17 +11,21 @@ from typing import Any
 
 from rich.console import Console
 
+ROUND_KEYS = ("round", "loss", "accuracy", "auc")
 
-def read_rounds(path: Path) -> list[dict[str, Any]]:
+
+def read_rounds(path: Path, keys: tuple[str, ...] = ROUND_KEYS) -> list[dict[str, Any]]:
+    """The per-round lines the ServerApp appended, each cut to `keys`."""
     if not path.is_file():
         return []
     rounds = []
     for line in path.read_text().splitlines():
         if line.strip():
             try:
-                rounds.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
                 continue  # a line being written right now; the next read gets it whole
+            rounds.append({k: entry[k] for k in keys if k in entry})
     return rounds
 
 

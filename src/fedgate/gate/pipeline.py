@@ -137,10 +137,16 @@ class GatePipeline:
             self._queue.close()
             self._queue = None
 
-    def process(self, instruction: Message, reply: Message | BaseException) -> Message:
-        return self.process_with_evidence(instruction, reply).message
+    def process(
+        self, instruction: Message, reply: Message | BaseException, executor: dict[str, Any] | None = None
+    ) -> Message:
+        return self.process_with_evidence(instruction, reply, executor).message
 
-    def process_with_evidence(self, instruction: Message, reply: Message | BaseException) -> Outcome:
+    def process_with_evidence(
+        self, instruction: Message, reply: Message | BaseException, executor: dict[str, Any] | None = None
+    ) -> Outcome:
+        """`executor`: how the reply was produced (e.g. the sandbox's isolation layers),
+        recorded in the ledger entry beside the gate's decision."""
         if isinstance(reply, BaseException):
             reason = f"{type(reply).__name__}: {reply}"
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=instruction)
@@ -193,6 +199,7 @@ class GatePipeline:
             "policy_hash": self.policy.hash,
             "decision": decision.to_json(),
             "cumulative_bits": decimal_str(cumulative),
+            "executor": executor or {},
         }
         receipt = self.ledger.append(fields, payloads)  # durable before anything is handed on
         if not decision.sent:

@@ -64,6 +64,10 @@ class Policy:
     max_total_bits: float
     review_mode: str = "never"
     review_timeout_s: float = 3600.0
+    sandbox_allow_downgrade: bool = False
+    sandbox_memory_mb: int = 16384
+    sandbox_cpu_seconds: int = 3600
+    sandbox_timeout_s: float = 3600.0
 
     def review_required(self, server_round: int, warnings: tuple[str, ...]) -> bool:
         if self.review_mode == "always":
@@ -106,6 +110,12 @@ class Policy:
             "messages": {"allowed_types": list(self.allowed_types)},
             "refusal": {"on_refusal": self.on_refusal},
             "review": {"mode": self.review_mode, "timeout_s": decimal_str(self.review_timeout_s)},
+            "sandbox": {
+                "allow_downgrade": self.sandbox_allow_downgrade,
+                "memory_mb": self.sandbox_memory_mb,
+                "cpu_seconds": self.sandbox_cpu_seconds,
+                "timeout_s": decimal_str(self.sandbox_timeout_s),
+            },
             "budget": {"max_total_bits": decimal_str(self.max_total_bits)},
         }
 
@@ -153,7 +163,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise PolicyError(f"{source} is not valid TOML: {err}") from err
-    known = {"manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "budget"}
+    known = {"manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "sandbox", "budget"}
     unknown = sorted(set(data) - known)
     _require(not unknown, "policy", f"unknown table(s) {unknown}; expected {sorted(known)}")
 
@@ -242,6 +252,16 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     )
     _require(0 < review_timeout_s < math.inf, "review.timeout_s", f"must be > 0 seconds, got {review_timeout_s}")
 
+    sandbox = _Section(data, "sandbox")
+    allow_downgrade = sandbox.get("allow_downgrade", bool, False)
+    memory_mb = sandbox.get("memory_mb", int, 16384)
+    cpu_seconds = sandbox.get("cpu_seconds", int, 3600)
+    sandbox_timeout_s = sandbox.get("timeout_s", float, 3600.0)
+    sandbox.finish()
+    _require(memory_mb >= 256, "sandbox.memory_mb", f"must be >= 256, got {memory_mb}")
+    _require(cpu_seconds >= 1, "sandbox.cpu_seconds", f"must be >= 1, got {cpu_seconds}")
+    _require(0 < sandbox_timeout_s < math.inf, "sandbox.timeout_s", f"must be > 0 seconds, got {sandbox_timeout_s}")
+
     budget = _Section(data, "budget")
     max_total_bits = budget.get("max_total_bits", float, 0.0)
     budget.finish()
@@ -260,6 +280,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         max_total_bits=max_total_bits,
         review_mode=review_mode,
         review_timeout_s=review_timeout_s,
+        sandbox_allow_downgrade=allow_downgrade,
+        sandbox_memory_mb=memory_mb,
+        sandbox_cpu_seconds=cpu_seconds,
+        sandbox_timeout_s=sandbox_timeout_s,
     )
 
 

@@ -1,0 +1,306 @@
+"""`fedgate demo --deploy`: a whole federation as separate processes on loopback.
+
+One `flower-superlink` (TLS with a CA generated into the run folder, SuperNode
+authentication on), and per hospital a stock `flower-supernode --isolation process` (its
+authentication key registered with `flwr supernode register`) with a `fedgate node` beside
+it (or, for the overhead baseline, Flower's own `flower-superexec`). The reference app is
+submitted with `flwr run`. Every process started is stopped at the end, on Ctrl-C and on
+failure."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+
+from fedgate.errors import FedgateError
+from fedgate.executor.pki import make_node_auth_key, make_server_pki
+from fedgate.executor.progress import RoundPrinter, read_rounds
+from fedgate.executor.summary import build_summary
+from fedgate.gate.pipeline import LEDGER_DIR
+from fedgate.ledger.store import Ledger
+from fedgate.policy import load_policy
+
+METRICS_FILE = "rounds.jsonl"
+
+APP_DIR = Path(__file__).resolve().parents[3] / "apps" / "medical"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedgateError(f"{name} exited with {proc.returncode} before listening on {port}; see its log")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise FedgateError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+class LocalFederation:
+    def __init__(
+        self, out_dir: Path, hospitals: int, policy: Path | None, gated: bool = True, link_port: int | None = None
+    ) -> None:
+        if hospitals < 1:
+            raise FedgateError(f"--hospitals must be at least 1, got {hospitals}")
+        self.out_dir = out_dir.resolve()
+        self.hospitals = hospitals
+        self.policy = policy.resolve() if policy else None
+        self.gated = gated
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs = self.out_dir / "logs"
+        self.bin = Path(sys.executable).parent
+        self.link_port = link_port or free_port()
+        self.cli_home = self.out_dir / "flwr-cli"
+
+    @property
+    def hospital_dirs(self) -> list[Path]:
+        return [self.out_dir / f"hospital-{i}" for i in range(self.hospitals)]
+
+    def _env(self, flwr_home: Path) -> dict[str, str]:
+        return {
+            **os.environ,
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "OMP_NUM_THREADS": "1",
+            "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def _start(self, name: str, cmd: list[str], flwr_home: Path) -> subprocess.Popen[bytes]:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env(flwr_home),
+            start_new_session=True,
+            cwd=self.out_dir,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / "flwr"), *args],
+            capture_output=True,
+            text=True,
+            env=self._env(self.cli_home),
+            timeout=timeout,
+        )
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        pki = make_server_pki(self.out_dir / "pki")
+        link = self._start(
+            "superlink",
+            [
+                str(self.bin / "flower-superlink"),
+                "--ssl-certfile",
+                str(pki.server_cert),
+                "--ssl-keyfile",
+                str(pki.server_key),
+                "--ssl-ca-certfile",
+                str(pki.ca_cert),
+                "--enable-supernode-auth",
+                "--database",
+                str(self.out_dir / "superlink.db"),
+                "--port",
+                str(self.link_port),
+            ],
+            self.out_dir / "superlink-home",
+        )
+        wait_for_port(self.link_port, link, "flower-superlink")
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        (self.cli_home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedgate-local"\n\n[superlink.fedgate-local]\n'
+            f'address = "127.0.0.1:{self.link_port}"\nroot-certificates = "{pki.ca_cert}"\n'
+        )
+        for index, hospital_dir in enumerate(self.hospital_dirs):
+            hospital_dir.mkdir(parents=True, exist_ok=True)
+            private, public = make_node_auth_key(hospital_dir / "keys")
+            registered = self._flwr("supernode", "register", str(public), "fedgate-local")
+            if registered.returncode != 0:
+                raise FedgateError(f"flwr supernode register failed: {registered.stdout}{registered.stderr}")
+            secret = hospital_dir / "keys" / "superexec.secret"
+            secret.write_bytes(secrets.token_bytes(32))
+            secret.chmod(0o600)
+            runtime_port = free_port()
+            flwr_home = hospital_dir / "flwr-home"
+            supernode = self._start(
+                f"supernode-{index}",
+                [
+                    str(self.bin / "flower-supernode"),
+                    "--superlink",
+                    f"127.0.0.1:{self.link_port}",
+                    "--root-certificates",
+                    str(pki.ca_cert),
+                    "--auth-supernode-private-key",
+                    str(private),
+                    "--isolation",
+                    "process",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(runtime_port),
+                    "--superexec-auth-secret-file",
+                    str(secret),
+                    "--node-config",
+                    f"partition-id={index} num-partitions={self.hospitals}",
+                ],
+                flwr_home,
+            )
+            wait_for_port(runtime_port, supernode, f"flower-supernode {index}")
+            runtime = f"127.0.0.1:{runtime_port}"
+            if self.gated:
+                data_dir = hospital_dir / "data"
+                data_dir.mkdir(exist_ok=True)
+                cmd = [
+                    str(self.bin / "fedgate"),
+                    "node",
+                    "--runtime-api-address",
+                    runtime,
+                    "--insecure",
+                    "--hospital-dir",
+                    str(hospital_dir),
+                    "--data-dir",
+                    str(data_dir),
+                    "--destination",
+                    f"https://127.0.0.1:{self.link_port}",
+                    "--superexec-auth-secret-file",
+                    str(secret),
+                ]
+                if self.policy:
+                    cmd += ["--policy", str(self.policy)]
+                self._start(f"fedgate-node-{index}", cmd, flwr_home)
+            else:
+                self._start(
+                    f"superexec-{index}",
+                    [
+                        str(self.bin / "flower-superexec"),
+                        "--runtime-api-address",
+                        runtime,
+                        "--insecure",
+                        "--superexec-auth-secret-file",
+                        str(secret),
+                    ],
+                    flwr_home,
+                )
+
+    def run_app(
+        self, run_config: Mapping[str, bool | int | float | str], app_dir: Path = APP_DIR, timeout_s: float = 1800
+    ) -> str:
+        """Submit a Flower app (default: the reference app) with `flwr run` and wait until it finishes."""
+        if not app_dir.is_dir():
+            raise FedgateError(f"the app folder {app_dir} is missing (the reference app ships in a fedgate checkout)")
+        pairs = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        result = self._flwr("run", str(app_dir), "fedgate-local", "--stream", "-c", pairs, timeout=timeout_s)
+        (self.logs / "flwr-run.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise FedgateError(f"flwr run failed ({result.returncode}); see {self.logs / 'flwr-run.log'}")
+        return result.stdout
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+        for hospital_dir in self.hospital_dirs:
+            shutil.rmtree(hospital_dir / "scratch", ignore_errors=True)
+
+
+def run_local_deployment(
+    out_dir: Path,
+    hospitals: int,
+    rounds: int,
+    policy: Path | None,
+    run_config: Mapping[str, bool | int | float | str],
+    console: Console,
+    gated: bool = True,
+    app_dir: Path = APP_DIR,
+    link_port: int | None = None,
+) -> dict[str, Any]:
+    """Start the federation, run the app, stop everything; return (and write) the summary."""
+    metrics_path = out_dir.resolve() / METRICS_FILE
+    metrics_path.unlink(missing_ok=True)
+    config = {**run_config, "num-server-rounds": rounds, "num-hospitals": hospitals, "metrics-file": str(metrics_path)}
+    started = time.monotonic()
+    console.print(
+        f"[bold]fedgate --deploy[/] {hospitals} hospitals x {rounds} rounds: SuperLink (TLS, SuperNode "
+        f"authentication), {hospitals} SuperNodes, {'fedgate nodes' if gated else 'Flower SuperExec'}; out {out_dir}"
+    )
+    with LocalFederation(out_dir, hospitals, policy, gated=gated, link_port=link_port) as federation:
+        console.print(f"federation up in {time.monotonic() - started:.1f} s; submitting the app with flwr run")
+        with RoundPrinter(metrics_path, rounds, console, started):
+            federation.run_app(config, app_dir=app_dir)
+        hospital_dirs = federation.hospital_dirs
+    run_id = _latest_run_id(hospital_dirs[0]) if gated else 0
+    summary = build_summary(
+        run_id,
+        hospitals,
+        rounds,
+        time.monotonic() - started,
+        read_rounds(metrics_path),
+        hospital_dirs,
+        load_policy(policy).hash,
+    )
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _latest_run_id(hospital_dir: Path) -> int:
+    with Ledger(hospital_dir / LEDGER_DIR, create=False) as ledger:
+        entries = ledger.entries()
+    return int(entries[-1]["run_id"]) if entries else 0
+
+
+def _toml(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
