@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
+from fedgate.errors import FedgateError
 from fedgate.executor.local_federation import free_port, run_local_deployment
 from fedgate.gate.pipeline import content_from_bytes
 from fedgate.ledger.store import Ledger
@@ -25,15 +28,23 @@ TESTS = Path(__file__).resolve().parents[1]
 TEST_APP_FILES = ("malicious_apps.py", "canary_server_app.py", "model_fixtures.py", "sandbox_apps.py")
 
 
-def flower_processes() -> set[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", "flower-super|fedgate node|fedgate.sandbox.child"], capture_output=True, text=True
-    )
-    return {int(pid) for pid in out.stdout.split()}
+def processes_of(run_dir: Path) -> list[str]:
+    """Processes whose command line names `run_dir`, or that run inside it (sandbox children)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue  # gone, or not ours to read
+        if str(run_dir) in cmdline or cwd.startswith(str(run_dir)):
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
 
 
 def test_reference_app_trains_across_three_hospitals(tmp_path: Path) -> None:
-    before = flower_processes()
     out = tmp_path / "deploy"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
     cmd = [
@@ -69,7 +80,7 @@ def test_reference_app_trains_across_three_hospitals(tmp_path: Path) -> None:
     logs = out / "logs"
     assert "insecure" not in (logs / "superlink.log").read_text().lower()
     assert "authentication is disabled" not in (logs / "superlink.log").read_text()
-    assert flower_processes() <= before, "processes were left running"
+    assert processes_of(out) == [], "processes were left running"
 
 
 def make_test_fab(folder: Path) -> Path:
@@ -142,3 +153,36 @@ def test_same_refusals_as_simulation_and_no_way_out_of_the_sandbox(tmp_path: Pat
         server.close()
     received = capture.read_bytes()
     assert CANARY not in received and b"patient-0042" not in received
+
+
+def test_every_process_is_stopped_on_ctrl_c_and_on_failure(tmp_path: Path) -> None:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "300"}
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "fedgate.cli.main", "demo", "--deploy", "--hospitals", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    while "federation up" not in (line := proc.stdout.readline()):  # wait until the whole federation is up
+        assert line, "fedgate demo --deploy exited before the federation was up"
+    assert len(processes_of(out)) >= 5  # superlink + 2 x (supernode + fedgate node)
+    proc.send_signal(signal.SIGINT)
+    output = proc.stdout.read()  # the same buffered reader as above, to its end
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and "every process of the federation has been stopped" in output
+    assert "Traceback" not in output
+    assert processes_of(out) == []
+
+    terminated = tmp_path / "terminated"  # as systemd or `kill` would stop it
+    proc = subprocess.Popen(
+        [*cmd[:-1], str(terminated)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    while "federation up" not in (line := proc.stdout.readline()):
+        assert line, "fedgate demo --deploy exited before the federation was up"
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert processes_of(terminated) == []
+
+    failing = tmp_path / "failing"
+    with pytest.raises(FedgateError, match="flwr run failed"):
+        run_local_deployment(failing, 1, 1, None, {}, Console(quiet=True), app_dir=tmp_path)  # not an app
+    assert processes_of(failing) == []

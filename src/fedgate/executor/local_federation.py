@@ -18,8 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -273,11 +274,16 @@ def run_local_deployment(
         f"[bold]fedgate --deploy[/] {hospitals} hospitals x {rounds} rounds: SuperLink (TLS, SuperNode "
         f"authentication), {hospitals} SuperNodes, {'fedgate nodes' if gated else 'Flower SuperExec'}; out {out_dir}"
     )
-    with LocalFederation(out_dir, hospitals, policy, gated=gated, link_port=link_port) as federation:
-        console.print(f"federation up in {time.monotonic() - started:.1f} s; submitting the app with flwr run")
-        with RoundPrinter(metrics_path, rounds, console, started):
-            federation.run_app(config, app_dir=app_dir)
-        hospital_dirs = federation.hospital_dirs
+    with _sigterm_as_interrupt():
+        try:
+            with LocalFederation(out_dir, hospitals, policy, gated=gated, link_port=link_port) as federation:
+                console.print(f"federation up in {time.monotonic() - started:.1f} s; submitting the app with flwr run")
+                with RoundPrinter(metrics_path, rounds, console, started):
+                    federation.run_app(config, app_dir=app_dir)
+                hospital_dirs = federation.hospital_dirs
+        except KeyboardInterrupt:
+            console.print("interrupted: every process of the federation has been stopped")
+            raise
     run_id = _latest_run_id(hospital_dirs[0]) if gated else 0
     summary = build_summary(
         run_id,
@@ -290,6 +296,23 @@ def run_local_deployment(
     )
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A SIGTERM (systemd, `kill`) stops the federation as Ctrl-C does, not abruptly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _latest_run_id(hospital_dir: Path) -> int:
