@@ -159,3 +159,14 @@ def test_canary_bytes_in_weights_do_not_survive_noise(policy: Policy) -> None:
     from fedgate.gate.pipeline import content_bytes
 
     assert CANARY not in content_bytes(content)
+
+
+def test_a_reply_the_rules_cannot_read_is_refused_not_crashed(policy: Policy) -> None:
+    from flwr.app import Message, RecordDict
+
+    ins = instruction()
+    empty = Message(RecordDict(), reply_to=ins)
+    empty.__dict__["_content"] = None  # neither content nor error: nothing the rules can read
+    decision, content = decide(ins, empty, policy, GateHistory(), np.random.default_rng(0))
+    assert content is None and not decision.sent
+    assert decision.rule == "gate-error"

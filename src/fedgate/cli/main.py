@@ -100,16 +100,16 @@ def _run(
     config: dict[str, bool | int | float | str],
     verbose: bool,
 ) -> None:
-    from fedgate.executor.simulation import RunSpec, run_federation, write_reports
+    from fedgate.executor.simulation import RunSpec, run_federation
 
     spec = RunSpec(client_app, server_app, hospitals, rounds, out, load_policy(policy), config, verbose)
-    summary = run_federation(spec, console)
-    _print_outcome(summary, out)
-    for path in write_reports(summary):
-        console.print(f"report for the data-protection officer: {path}")
+    _print_outcome(run_federation(spec, console), out)
 
 
 def _print_outcome(summary: dict[str, Any], out: Path) -> None:
+    """The final table, the accuracy, and one DPO report per hospital (written here)."""
+    from fedgate.report.render import write_hospital_reports
+
     console.print(_final_table(summary))
     accuracy, auc = summary["final_accuracy"], summary["final_auc"]
     if accuracy is not None:
@@ -117,6 +117,8 @@ def _print_outcome(summary: dict[str, Any], out: Path) -> None:
     console.print(
         f"summary: {out / 'summary.json'}; ledgers: {out}/hospital-*/ledger (check with `fedgate ledger verify`)"
     )
+    for path in write_hospital_reports(summary["hospitals_dirs"]):
+        console.print(f"report for the data-protection officer: {path}")
 
 
 @app.command()
@@ -167,12 +169,8 @@ def demo(
     Dirichlet(0.5) label skew, every reply gated, clipped, noised and recorded."""
     if deploy:
         from fedgate.executor.local_federation import run_local_deployment
-        from fedgate.executor.simulation import write_reports
 
-        summary = run_local_deployment(out, hospitals, rounds, policy, dict(DEMO_CONFIG), console)
-        _print_outcome(summary, out)
-        for path in write_reports(summary):
-            console.print(f"report for the data-protection officer: {path}")
+        _print_outcome(run_local_deployment(out, hospitals, rounds, policy, dict(DEMO_CONFIG), console), out)
         return
     _run(
         "fedgate_medical.client_app:app",

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 
@@ -70,6 +70,7 @@ class LocalFederation:
         self.policy = policy.resolve() if policy else None
         self.gated = gated
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._log_files: list[IO[bytes]] = []
         self.logs = self.out_dir / "logs"
         self.bin = Path(sys.executable).parent
         self.link_port = link_port or free_port()
@@ -91,15 +92,21 @@ class LocalFederation:
     def _start(self, name: str, cmd: list[str], flwr_home: Path) -> subprocess.Popen[bytes]:
         flwr_home.mkdir(parents=True, exist_ok=True)
         log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._env(flwr_home),
-            start_new_session=True,
-            cwd=self.out_dir,
-        )
-        self.procs.append(proc)
+        self._log_files.append(log)
+        # Ctrl-C / SIGTERM wait until the child is in self.procs, so stop() always finds it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(flwr_home),
+                start_new_session=True,
+                cwd=self.out_dir,
+            )
+            self.procs.append(proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return proc
 
     def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -228,30 +235,72 @@ class LocalFederation:
         if not app_dir.is_dir():
             raise FedgateError(f"the app folder {app_dir} is missing (the reference app ships in a fedgate checkout)")
         pairs = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-        result = self._flwr("run", str(app_dir), "fedgate-local", "--stream", "-c", pairs, timeout=timeout_s)
-        (self.logs / "flwr-run.log").write_text(result.stdout + result.stderr)
-        if result.returncode != 0:
-            raise FedgateError(f"flwr run failed ({result.returncode}); see {self.logs / 'flwr-run.log'}")
-        return result.stdout
+        cmd = [str(self.bin / "flwr"), "run", str(app_dir), "fedgate-local", "--stream", "-c", pairs]
+        proc = self._start("flwr-run", cmd, self.cli_home)  # tracked: stopped with the rest on Ctrl-C
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            raise FedgateError(f"flwr run did not finish within {timeout_s:.0f} s") from err
+        log = (self.logs / "flwr-run.log").read_text(errors="replace")
+        if returncode != 0:
+            raise FedgateError(f"flwr run failed ({returncode}); see {self.logs / 'flwr-run.log'}")
+        return log
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    continue
+        """Stop every process that belongs to this run: SIGTERM, then SIGKILL after 10 s.
+
+        "Belongs" is read from /proc, not from our list alone: a process started in the
+        instant Ctrl-C arrived, the SuperLink's own ServerApp processes and the fedgate nodes'
+        sandbox children all run in, or name, the run folder."""
         deadline = time.monotonic() + 10
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        while pids := _processes_under(self.out_dir):
+            late = time.monotonic() > deadline
+            for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                    os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
+            for proc in self.procs:
+                proc.poll()  # reap our own children as they exit
+            if time.monotonic() > deadline + 10:
+                raise FedgateError(f"processes {pids} of {self.out_dir} survived SIGKILL")
+            time.sleep(0.2)
+        for proc in self.procs:
+            proc.wait()
         self.procs.clear()
+        for log in self._log_files:
+            log.close()
+        self._log_files.clear()
         for hospital_dir in self.hospital_dirs:
             shutil.rmtree(hospital_dir / "scratch", ignore_errors=True)
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """Live processes whose command line names `folder` or whose working directory is in it,
+    except this process and its ancestors (the shell that started us may name it too)."""
+    mine, found = _ancestors(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited, waiting to be reaped
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
+        except (OSError, IndexError):
+            continue
+        if str(folder) in cmdline or cwd == str(folder) or cwd.startswith(f"{folder}/"):
+            found.append(int(entry.name))
+    return found
 
 
 def run_local_deployment(

@@ -145,13 +145,6 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
     return summary
 
 
-def write_reports(summary: dict[str, Any]) -> list[Path]:
-    """One report for each hospital's data-protection officer, beside its ledger."""
-    from fedgate.report.render import write_report
-
-    return [write_report(Path(d), Path(d) / "report.html") for d in summary["hospitals_dirs"]]
-
-
 def _shutdown_ray() -> None:
     import ray
 

@@ -231,7 +231,10 @@ def decide(
         if metrics:
             content[METRICS_RECORD] = MetricRecord(dict(metrics.items()))
         return GateDecision(True, category, tuple(stages), bound, manifest_hash, warnings=tuple(warnings)), content
-    except GateRefusal as refusal:
+    except Exception as err:
+        # Fail closed: a reply the rules cannot even read (malformed records, a decoder
+        # error, a bug here) is refused and recorded like any other refusal.
+        refusal = err if isinstance(err, GateRefusal) else GateRefusal("gate-error", f"{type(err).__name__}: {err}")
         stages.append(StageEvidence(refusal.rule, False, _jsonable(refusal.detail)))
         decision = GateDecision(
             False,

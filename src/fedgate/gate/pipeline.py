@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,13 +107,11 @@ class GatePipeline:
         hospital_dir: Path,
         hospital: str,
         destination: str,
-        on_wait: Callable[[], None] | None = None,
     ) -> None:
         self.policy = policy
         self.hospital_dir = Path(hospital_dir)
         self.hospital = hospital
         self.destination = destination
-        self.on_wait = on_wait  # called while a reply waits for review (heartbeats)
         self._ledger: Ledger | None = None
         self._queue: ReviewQueue | None = None
 
@@ -239,7 +237,7 @@ class GatePipeline:
             self.policy.review_timeout_s,
         )
         log.warning("%s: reply for round %s held for review (item %d)", self.hospital, summary["round"], item.id)
-        return queue.wait(item.id, on_wait=self.on_wait)
+        return queue.wait(item.id)  # Flower's task heartbeat, where there is one, runs on its own thread
 
     def _record_review(self, entries: list[dict[str, Any]], instruction: Message, item: ReviewItem) -> None:
         """The decision, who made it and when go into the ledger before the reply moves on
@@ -265,9 +263,4 @@ class GatePipeline:
         )
 
 
-def bits_or_none(bits: float) -> float | None:
-    """JSON has no infinity: an unbounded reply (no noise) is reported as null."""
-    return None if math.isinf(bits) else bits
-
-
-__all__ = ["GENERIC_REFUSAL", "GatePipeline", "Outcome", "bits_or_none", "content_bytes", "message_category"]
+__all__ = ["GENERIC_REFUSAL", "GatePipeline", "Outcome", "content_bytes", "content_from_bytes", "message_category"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgate.errors import LedgerError, LedgerVerificationError
-from fedgate.gate.pipeline import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_SENT
+from fedgate.gate.pipeline import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_SENT, content_from_bytes
 from fedgate.ledger.store import Ledger
 from fedgate.ledger.verify import verify_ledger
 
@@ -90,6 +90,7 @@ def read_facts(ledger_folder: Path) -> ReportFacts:
         facts = ReportFacts(str(ledger_folder), False, f"{err}{where}")
     with Ledger(ledger_folder, create=False) as ledger:
         entries = ledger.entries()
+        facts.tensor_names = _tensor_names(ledger, entries)
     metrics: set[str] = set()
     manifests: set[str] = set()
     for entry in entries:
@@ -128,20 +129,16 @@ def read_facts(ledger_folder: Path) -> ReportFacts:
                     manifests.add(decision["manifest_hash"])
     facts.metric_names = sorted(metrics)
     facts.manifest_hashes = sorted(manifests)
-    facts.tensor_names = _tensor_names(ledger_folder, facts)
     return facts
 
 
-def _tensor_names(ledger_folder: Path, facts: ReportFacts) -> list[str]:
+def _tensor_names(ledger: Ledger, entries: list[dict[str, Any]]) -> list[str]:
     """The tensor names of the model that left, read from the last payload sent."""
-    from fedgate.gate.pipeline import content_from_bytes
-
-    with Ledger(ledger_folder, create=False) as ledger:
-        for entry in reversed(ledger.entries()):
-            if entry.get("kind") == KIND_SENT and entry.get("message_type", "").startswith("train"):
-                try:
-                    content = content_from_bytes(ledger.blobs.get(entry["payloads"]["sent"]["sha256"]))
-                except (LedgerError, ValueError, KeyError):
-                    return []
-                return [name for record in content.array_records.values() for name in record]
+    for entry in reversed(entries):
+        if entry.get("kind") == KIND_SENT and entry.get("message_type", "").startswith("train"):
+            try:
+                content = content_from_bytes(ledger.blobs.get(entry["payloads"]["sent"]["sha256"]))
+            except (LedgerError, ValueError, KeyError):
+                return []  # a missing or altered blob: the verification line already says so
+            return [name for record in content.array_records.values() for name in record]
     return []

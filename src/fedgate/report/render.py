@@ -50,6 +50,11 @@ def render_report(ledger_folder: Path) -> str:
     )
 
 
+def write_hospital_reports(hospital_dirs: list[str]) -> list[Path]:
+    """One report for each hospital's data-protection officer, beside its ledger."""
+    return [write_report(Path(d), Path(d) / "report.html") for d in hospital_dirs]
+
+
 def write_report(ledger_folder: Path, out: Path) -> Path:
     html = render_report(ledger_folder)
     out.parent.mkdir(parents=True, exist_ok=True)

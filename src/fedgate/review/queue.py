@@ -156,9 +156,8 @@ class ReviewQueue:
         assert item is not None
         return item
 
-    def wait(self, item_id: int, poll_s: float = 0.25, on_wait: Any = None) -> ReviewItem:
-        """Block until the item is decided or expires. `on_wait` is called every poll (the
-        deployment executor keeps Flower's heartbeat alive through it)."""
+    def wait(self, item_id: int, poll_s: float = 0.25) -> ReviewItem:
+        """Block until the item is decided or expires."""
         while True:
             item = self.get(item_id)
             if item is None:
@@ -167,6 +166,4 @@ class ReviewQueue:
                 return item
             if item.deadline <= time.time():
                 return self.expire(item_id)
-            if on_wait is not None:
-                on_wait()
             time.sleep(poll_s)
