@@ -20,7 +20,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedgate.executor.local_federation import METRICS_FILE, run_local_deployment
+from fedgate.executor.local_federation import run_local_deployment
+from fedgate.executor.progress import METRICS_FILE
 
 CONFIG = {"partition": "dirichlet", "alpha": 0.5, "local-epochs": 2, "lr": 0.001}
 

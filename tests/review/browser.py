@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fedgate.executor.local_federation import free_port
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TESTS = Path(__file__).resolve().parents[1]
@@ -22,12 +24,6 @@ TESTS = Path(__file__).resolve().parents[1]
 
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(TESTS), "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "300"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

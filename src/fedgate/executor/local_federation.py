@@ -10,7 +10,6 @@ failure."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -29,13 +28,11 @@ from rich.console import Console
 
 from fedgate.errors import FedgateError
 from fedgate.executor.pki import make_node_auth_key, make_server_pki
-from fedgate.executor.progress import RoundPrinter, read_rounds
-from fedgate.executor.summary import build_summary
+from fedgate.executor.progress import METRICS_FILE, RoundPrinter
+from fedgate.executor.summary import write_summary
 from fedgate.gate.pipeline import LEDGER_DIR
 from fedgate.ledger.store import Ledger
 from fedgate.policy import load_policy
-
-METRICS_FILE = "rounds.jsonl"
 
 APP_DIR = Path(__file__).resolve().parents[3] / "apps" / "medical"
 
@@ -334,17 +331,8 @@ def run_local_deployment(
             console.print("interrupted: every process of the federation has been stopped")
             raise
     run_id = _latest_run_id(hospital_dirs[0]) if gated else 0
-    summary = build_summary(
-        run_id,
-        hospitals,
-        rounds,
-        time.monotonic() - started,
-        read_rounds(metrics_path),
-        hospital_dirs,
-        load_policy(policy).hash,
-    )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    seconds = time.monotonic() - started
+    return write_summary(out_dir, run_id, hospitals, rounds, seconds, hospital_dirs, load_policy(policy).hash)
 
 
 @contextlib.contextmanager

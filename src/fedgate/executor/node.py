@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr.app import Message
 from flwr.cli.install import install_from_fab
 from flwr.common.config import get_project_dir
 from flwr.common.constant import SubStatus
@@ -98,16 +99,17 @@ def run_task(config: NodeConfig, token: str, pipeline: GatePipeline) -> None:
         install_from_fab(fab.content, skip_prompt=True)
         app_dir = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
         evidence: dict[str, object] = {"executor": "fedgate-node", "fab_hash": fab.hash_str}
+        reply: Message | BaseException
         try:
             outcome = run_in_sandbox(config.sandbox(), client_app_reference(app_dir), app_dir, message, context)
-            reply: object = outcome.reply
+            reply = outcome.reply
             context = outcome.context
             evidence["sandbox"] = outcome.isolation
             evidence["sandbox_downgraded"] = outcome.downgraded
         except FedgateError as err:  # isolation refused: the untrusted code never ran
             reply = err
             evidence["sandbox_refused"] = str(err)
-        outgoing = pipeline.process(message, reply, evidence)  # type: ignore[arg-type]
+        outgoing = pipeline.process(message, reply, evidence)
         push_message(client, outgoing, context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as err:

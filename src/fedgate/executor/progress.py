@@ -11,11 +11,12 @@ from typing import Any
 
 from rich.console import Console
 
+METRICS_FILE = "rounds.jsonl"  # in the run folder; the ServerApp appends one line per round
 ROUND_KEYS = ("round", "loss", "accuracy", "auc")
 
 
-def read_rounds(path: Path, keys: tuple[str, ...] = ROUND_KEYS) -> list[dict[str, Any]]:
-    """The per-round lines the ServerApp appended, each cut to `keys`."""
+def read_rounds(path: Path) -> list[dict[str, Any]]:
+    """The per-round lines the ServerApp appended, each cut to the summary's keys."""
     if not path.is_file():
         return []
     rounds = []
@@ -25,7 +26,7 @@ def read_rounds(path: Path, keys: tuple[str, ...] = ROUND_KEYS) -> list[dict[str
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line being written right now; the next read gets it whole
-            rounds.append({k: entry[k] for k in keys if k in entry})
+            rounds.append({k: entry[k] for k in ROUND_KEYS if k in entry})
     return rounds
 
 

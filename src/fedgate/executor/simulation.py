@@ -3,7 +3,6 @@ reply through the hospital's gate pipeline, results in `OUT/summary.json`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,13 +18,12 @@ from rich.console import Console
 from fedgate.errors import FedgateError
 from fedgate.executor.gated_client_app import GatedClientApp, hospital_name
 from fedgate.executor.loading import load_client_app, load_server_app
-from fedgate.executor.progress import RoundPrinter, read_rounds
-from fedgate.executor.summary import build_summary
+from fedgate.executor.progress import METRICS_FILE, RoundPrinter
+from fedgate.executor.summary import write_summary
 from fedgate.policy import Policy
 
 REFERENCE_CLIENT_APP = "fedgate_medical.client_app:app"
 REFERENCE_SERVER_APP = "fedgate_medical.server_app:app"
-METRICS_FILE = "rounds.jsonl"
 SIMULATION_DESTINATION = "simulation://serverapp"
 
 
@@ -138,11 +136,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
         if ray_dir_is_temp:
             shutil.rmtree(ray_dir, ignore_errors=True)
     seconds = time.monotonic() - started
-    summary = build_summary(
-        run_id, spec.hospitals, spec.rounds, seconds, read_rounds(metrics_path), hospital_dirs, spec.policy.hash
-    )
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(out_dir, run_id, spec.hospitals, spec.rounds, seconds, hospital_dirs, spec.policy.hash)
 
 
 def _shutdown_ray() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+from fedgate.executor.progress import METRICS_FILE, read_rounds
 from fedgate.gate.pipeline import KIND_REFUSED, KIND_SENT, LEDGER_DIR
 from fedgate.ledger.store import Ledger
 
@@ -40,6 +42,16 @@ def hospital_egress(hospital_dir: Path, run_id: int) -> dict[str, Any]:
         "bits_total": _finite(sum(sent)),
         "refusals": refusals,
     }
+
+
+def write_summary(
+    out_dir: Path, run_id: int, hospitals: int, rounds: int, seconds: float, hospital_dirs: list[Path], policy_hash: str
+) -> dict[str, Any]:
+    """Build the summary from the run folder's metrics file and ledgers; write OUT/summary.json."""
+    per_round = read_rounds(out_dir / METRICS_FILE)
+    summary = build_summary(run_id, hospitals, rounds, seconds, per_round, hospital_dirs, policy_hash)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def build_summary(

@@ -23,7 +23,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedgate.errors import FedgateError
 from fedgate.sandbox.layers import Limits
-from fedgate.sandbox.wire import WireError, recv_bytes, recv_json, send_bytes, send_json
+from fedgate.sandbox.wire import recv_bytes, recv_json, send_bytes, send_json
 
 log = logging.getLogger("fedgate.sandbox")
 
@@ -53,7 +53,12 @@ class SandboxOutcome:
 
     @property
     def downgraded(self) -> list[str]:
-        return [layer["layer"] for layer in self.isolation if not layer["established"]]
+        return missing_layers(self.isolation)
+
+
+def missing_layers(isolation: list[dict[str, Any]]) -> list[str]:
+    """The isolation layers the child reported as not established."""
+    return [layer["layer"] for layer in isolation if not layer["established"]]
 
 
 def _child_env(scratch: Path, cache: Path) -> dict[str, str]:
@@ -106,7 +111,7 @@ def run_in_sandbox(
             send_json(to_child_w, header)
             isolation = recv_json(from_child_r).get("isolation", [])
             result["isolation"] = isolation
-            missing = [layer["layer"] for layer in isolation if not layer["established"]]
+            missing = missing_layers(isolation)
             if missing and not config.allow_downgrade:
                 send_json(to_child_w, {"run": False})
                 result["refused"] = missing
@@ -121,9 +126,7 @@ def run_in_sandbox(
                 return
             result["reply"] = message_from_proto(ProtoMessage.FromString(recv_bytes(from_child_r)))
             result["context"] = context_from_proto(ProtoContext.FromString(recv_bytes(from_child_r)))
-        except (WireError, OSError, ValueError) as err:  # protobuf DecodeError is a ValueError... mostly
-            result["error"] = f"the sandbox's answer is unreadable: {err}"
-        except Exception as err:  # any other decode failure of untrusted bytes
+        except Exception as err:  # a closed pipe, a bad frame, bytes that do not decode: all untrusted
             result["error"] = f"the sandbox's answer is unreadable: {type(err).__name__}: {err}"
 
     talker = threading.Thread(target=converse, daemon=True)
@@ -149,8 +152,7 @@ def run_in_sandbox(
         )
     if not isolation:
         raise SandboxRefused(f"the sandbox child exited ({proc.returncode}) before reporting its isolation")
-    downgraded = [layer["layer"] for layer in isolation if not layer["established"]]
-    if downgraded:
+    if downgraded := missing_layers(isolation):
         log.error(
             "SANDBOX DOWNGRADED: running untrusted code without %s (allowed by the policy)", ", ".join(downgraded)
         )
