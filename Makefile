@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export OMP_NUM_THREADS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup browser-deps demo test lint typecheck unit bench clean
+.PHONY: setup sandbox-deps browser-deps demo test lint typecheck unit slow bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The sandbox is bubblewrap (Debian/Ubuntu package `bubblewrap`); seccomp filters come from
+# libseccomp2, which every systemd host has. Installed here when we are root and it is missing.
+sandbox-deps:
+	@if ! command -v bwrap >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap libseccomp2; \
+	  else \
+	    echo "ERROR: bubblewrap is missing: install it (sudo apt install bubblewrap); the ClientApp sandbox needs it"; exit 1; \
+	  fi; \
+	fi
+
 # Browser tests drive Debian's Chromium through Playwright (never `playwright install`).
 browser-deps:
 	@if [ ! -x /usr/bin/chromium ]; then \
@@ -31,7 +42,7 @@ browser-deps:
 	  fi; \
 	fi
 
-demo: setup
+demo: setup sandbox-deps
 	$(BIN)/fedgate demo
 
 lint: setup
@@ -41,7 +52,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup browser-deps
+unit: setup sandbox-deps browser-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit

@@ -1,6 +1,6 @@
 """Appending an 11M-parameter float32 model (about 45 MB) to the ledger, against raw SHA-256.
 
-    python benchmarks/ledger_append.py [--repeats 5] [--mb 44.7]
+    python benchmarks/ledger_append.py [--repeats 5] [--mb 44.7] [--history 100,10000]
 
 Reports, as medians over the repeats, in one process (these machines are noisy):
   - raw:     hashlib.sha256 over the payload bytes (the floor: the ledger must hash them once)
@@ -8,7 +8,12 @@ Reports, as medians over the repeats, in one process (these machines are noisy):
              + SQLite WAL commit with synchronous=FULL + tree head signature)
   - disk:    write + fsync of the same bytes to a plain file (what the disk alone costs),
              and an fsync of 1 MiB
-and the throughput ratios raw/append and disk/append. Target: append >= 0.8x raw sha256."""
+and the throughput ratios raw/append and disk/append. Target: append >= 0.8x raw sha256.
+
+Then the cost of one small append (no payload) after 100 and after 10,000 earlier entries:
+it should be flat, since an append checks the latest signed head against the compact range
+(O(log n)) and never re-reads earlier leaves. The history is written with synchronous=OFF
+(only to build it quickly); the timed appends run with synchronous=FULL, as in production."""
 
 from __future__ import annotations
 
@@ -32,12 +37,32 @@ def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(samples)
 
 
+def append_after(history: int, repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (this process) of one small append to a ledger
+    that already holds `history` entries. CPU time leaves out the fsync waits, which on a
+    shared disk vary more than the work itself."""
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp, Ledger(Path(tmp) / "ledger") as ledger:
+        ledger.db.execute("PRAGMA synchronous=OFF")
+        for index in range(history):
+            ledger.append({"kind": "history", "index": index})
+        ledger.db.execute("PRAGMA synchronous=FULL")
+        wall, cpu = [], []
+        for index in range(repeats):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            ledger.append({"kind": "timed", "index": index})
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        return statistics.median(wall), statistics.median(cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--mb", type=float, default=11_168_706 * 4 / 1e6, help="payload size in MB (default: ResNet-18)"
     )
+    parser.add_argument("--history", default="100,10000", help="earlier entries before the small appends")
+    parser.add_argument("--small-repeats", type=int, default=50)
     args = parser.parse_args()
     payload = os.urandom(int(args.mb * 1e6))
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
@@ -80,6 +105,19 @@ def main() -> None:
     print(f"fsync of 1 MiB    {t_fsync * 1e3:8.1f} ms")
     print(f"ratio append / raw sha256 (throughput): {raw_best / t_append:.2f}x   (target >= 0.8x)")
     print(f"ratio append / plain write + fsync:     {t_disk / t_append:.2f}x")
+    sizes = [int(x) for x in args.history.split(",") if x]
+    small = {n: append_after(n, args.small_repeats) for n in sizes}
+    for n, (wall, cpu) in small.items():
+        print(
+            f"small append after {n:>7,} entries  {wall * 1e3:8.2f} ms wall  {cpu * 1e3:6.2f} ms CPU"
+            f"  (medians of {args.small_repeats})"
+        )
+    if len(sizes) >= 2:
+        (wall_a, cpu_a), (wall_b, cpu_b) = small[sizes[0]], small[sizes[-1]]
+        print(
+            f"ratio small append {sizes[-1]:,} / {sizes[0]:,} entries: {wall_b / wall_a:.2f}x wall, "
+            f"{cpu_b / cpu_a:.2f}x CPU  (flat: ~1x)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,87 +1,220 @@
-"""The seam: rules, then a durable record of the exact bytes, then the message to send."""
+"""The seam: admission before any code runs, rules, a durable record of the exact bytes with the
+gate's state in the same transaction, and a message built only from the instruction and the
+gate's own values, released at a slot the gate sets."""
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message, MetricRecord
 
-from conftest import instruction
-from fedgate.gate.pipeline import GENERIC_REFUSAL, GatePipeline, content_bytes
+from conftest import RUN_ID, gate_for, instruction, through_gate
+from fedgate.errors import LedgerError
+from fedgate.flower_adapter import metadata_fields, recorddict_to_bytes
+from fedgate.gate.pipeline import GENERIC_REFUSAL
+from fedgate.gate.release import schedule
 from fedgate.ledger.verify import verify_ledger
-from fedgate.policy import load_policy
+from fedgate.policy.model import ReleasePolicy
 from malicious_apps import ATTACKS, CANARY, CANARY_TEXT, honest
 
 
-def pipeline(tmp_path: Path, **changes: object) -> GatePipeline:
-    policy = dataclasses.replace(load_policy(None), **changes)  # type: ignore[arg-type]
-    return GatePipeline(policy, tmp_path / "hospital-0", "hospital-0", "test://server")
-
-
 def test_sent_reply_is_recorded_byte_for_byte_before_it_is_returned(tmp_path: Path) -> None:
-    gate = pipeline(tmp_path)
+    gate = gate_for(tmp_path)
     ins = instruction()
-    outcome = gate.process_with_evidence(ins, honest(ins))
-    assert outcome.decision.sent and not outcome.message.has_error()
-    assert outcome.message.metadata.reply_to_message_id == ins.metadata.message_id
-    entry = gate.ledger.entries()[outcome.seq]
-    assert entry["kind"] == "reply-sent" and entry["round"] == 1 and entry["hospital"] == "hospital-0"
+    out = through_gate(gate, ins, honest)
+    assert out.decision.sent and out.message is not None and not out.message.has_error()
+    assert out.message.metadata.reply_to_message_id == ins.metadata.message_id
+    entry = gate.ledger.entries()[out.seq]
+    assert entry["kind"] == "reply-sent" and entry["hospital"] == "hospital-0" and entry["gate_round"] == 1
     stored = gate.ledger.blobs.get(entry["payloads"]["sent"]["sha256"])
-    assert stored == content_bytes(outcome.message.content)
-    assert entry["content_object_id"] == outcome.message.content.object_id
+    assert stored == recorddict_to_bytes(out.message.content)
     assert entry["policy_hash"] == gate.policy.hash
+    assert entry["instruction"]["group_id"] == ins.metadata.group_id
     gate.close()
-    # the policy in force (once per run), then the reply
     assert [e["kind"] for e in gate.ledger.entries()] == ["policy", "reply-sent"]
     assert verify_ledger(tmp_path / "hospital-0" / "ledger").entries == 2
 
 
 @pytest.mark.parametrize("attack", ["config-record", "raises", "metric-string", "metrics-renamed"])
 def test_refusal_sends_only_a_generic_error_and_keeps_the_evidence(tmp_path: Path, attack: str) -> None:
-    gate = pipeline(tmp_path)
-    ins = instruction()
-    try:
-        reply = ATTACKS[attack](ins)
-    except Exception as err:
-        reply = err  # type: ignore[assignment]
-    outcome = gate.process_with_evidence(ins, reply)
-    assert outcome.message.has_error()
-    assert outcome.message.error.reason == GENERIC_REFUSAL
-    assert CANARY_TEXT not in outcome.message.error.reason
-    entry = gate.ledger.entries()[outcome.seq]
-    assert entry["kind"] == "reply-refused" and entry["decision"]["rule"] == outcome.decision.rule
+    gate = gate_for(tmp_path)
+    out = through_gate(gate, instruction(), ATTACKS[attack])
+    assert out.message is not None and out.message.has_error()
+    assert out.message.error.reason == GENERIC_REFUSAL and not out.message.has_content()
+    entry = gate.ledger.entries()[out.seq]
+    assert entry["kind"] == "reply-refused" and entry["decision"]["rule"] == out.decision.rule
     if "refused" in entry["payloads"]:  # what was stopped is kept locally for inspection
         assert CANARY in gate.ledger.blobs.get(entry["payloads"]["refused"]["sha256"])
     else:
         assert CANARY_TEXT in entry["decision"]["reason"]
 
 
-def test_history_is_rebuilt_from_the_ledger(tmp_path: Path) -> None:
+def test_outgoing_metadata_is_built_from_the_instruction_only(tmp_path: Path) -> None:
+    """group_id, message_type, task ids, ttl and created_at of a reply are the gate's: a
+    ClientApp that writes into its reply's metadata changes nothing that leaves."""
     ins = instruction()
-    first = pipeline(tmp_path).process_with_evidence(ins, honest(ins))
-    again = pipeline(tmp_path)  # a new process after a crash: only the ledger remembers
-    ins2 = instruction(server_round=2)
-    second = again.process_with_evidence(ins2, honest(ins2))
+    honest_out = through_gate(gate_for(tmp_path / "a"), ins, honest)
+
+    def loud_metadata(msg: Message) -> Message:
+        reply = honest(msg)
+        for key, value in {"_group_id": CANARY_TEXT * 1000, "_ttl": 1234.5678, "_src_task_id": 2**62,
+                           "_created_at": 1.0, "_message_type": "train.x" + CANARY.hex()}.items():  # fmt: skip
+            reply.metadata.__dict__[key] = value
+        return reply
+
+    loud_out = through_gate(gate_for(tmp_path / "b"), ins, loud_metadata)
+    assert loud_out.decision.rule == "reply-mismatch"  # its message type no longer matches
+    assert loud_out.message is not None
+    fields = metadata_fields(loud_out.message)
+    assert CANARY_TEXT not in str(fields) and CANARY.hex() not in str(fields)
+    assert honest_out.message is not None
+    for name in ("group_id", "message_type", "run_id", "src_task_id", "dst_task_id", "reply_to_message_id"):
+        assert fields[name] == metadata_fields(honest_out.message)[name]
+    assert fields["created_at"] == pytest.approx(loud_out.release.at)
+
+
+def test_gate_state_survives_a_restart_and_a_new_run_id(tmp_path: Path) -> None:
+    first = through_gate(gate_for(tmp_path), instruction(), honest)
+    again = gate_for(tmp_path)  # a new process after a crash: only the ledger remembers
+    second = through_gate(again, instruction(server_round=99, run_id=RUN_ID + 1), honest)
     assert second.cumulative_bits == pytest.approx(2 * first.decision.bound.total)
-    other_model = instruction(tensors={"w": np.zeros(3, dtype=np.float32)})
-    assert again.process_with_evidence(other_model, honest(other_model)).decision.rule == "manifest-not-approved"
+    assert again.ledger.entries()[second.seq]["gate_round"] == 2  # the gate's count, not the server's 99
+    other_model = instruction(tensors={"w": np.zeros(3, dtype=np.float32)}, run_id=RUN_ID + 2)
+    assert through_gate(again, other_model, honest).decision.rule == "manifest-not-approved"
 
 
-def test_halt_policy_refuses_everything_after_one_refusal(tmp_path: Path) -> None:
-    gate = pipeline(tmp_path, on_refusal="halt")
-    ins = instruction()
-    assert gate.process_with_evidence(ins, ATTACKS["nan"](ins)).decision.rule == "non-finite"
-    assert gate.process_with_evidence(ins, honest(ins)).decision.rule == "halted"
+def test_budget_spans_runs_and_counts_refusals(tmp_path: Path) -> None:
+    probe = through_gate(gate_for(tmp_path / "probe", noise_multiplier=0.1), instruction(), honest)
+    per_reply = probe.decision.bound.total
+    gate = gate_for(tmp_path, noise_multiplier=0.1, max_total_bits=2.5 * per_reply)
+    assert through_gate(gate, instruction(run_id=1), honest).decision.sent
+    assert through_gate(gate, instruction(run_id=2), honest).decision.sent  # a new run, same budget
+    refused = through_gate(gate, instruction(run_id=3), honest)
+    assert refused.decision.rule == "budget"
+    # the refusal itself still said "no" at some slot: counted
+    assert refused.cumulative_bits == pytest.approx(2 * per_reply + probe.decision.bound.refused().total)
+
+
+def test_budget_per_run_when_the_policy_says_so(tmp_path: Path) -> None:
+    probe = through_gate(gate_for(tmp_path / "probe", noise_multiplier=0.1), instruction(), honest)
+    gate = gate_for(tmp_path, noise_multiplier=0.1, max_total_bits=1.5 * probe.decision.bound.total, budget_scope="run")
+    assert through_gate(gate, instruction(run_id=1), honest).decision.sent
+    assert through_gate(gate, instruction(run_id=1), honest).decision.rule == "budget"
+    assert through_gate(gate, instruction(run_id=2), honest).decision.sent
+
+
+def test_halt_spans_runs_and_restarts_and_no_code_runs(tmp_path: Path) -> None:
+    gate = gate_for(tmp_path, on_refusal="halt")
+    assert through_gate(gate, instruction(run_id=1), ATTACKS["nan"]).decision.rule == "non-finite"
+    ran: list[int] = []
+
+    def app(msg: Message) -> Message:
+        ran.append(1)
+        return honest(msg)
+
+    restarted = gate_for(tmp_path, on_refusal="halt")
+    for run_id in (1, 2, 3):
+        assert through_gate(restarted, instruction(run_id=run_id), app).decision.rule == "halted"
+    assert ran == []
 
 
 def test_unwritable_ledger_means_nothing_is_sent(tmp_path: Path) -> None:
-    from fedgate.errors import LedgerError
-
-    gate = pipeline(tmp_path)
-    ins = instruction()
-    gate.process(ins, honest(ins))
+    gate = gate_for(tmp_path)
+    through_gate(gate, instruction(), honest)
     gate.ledger.db.execute("PRAGMA query_only = ON")  # appends now fail
     with pytest.raises(LedgerError):
-        gate.process(ins, honest(ins))
+        through_gate(gate, instruction(), honest)
+
+
+def test_edited_gate_state_stops_the_gate(tmp_path: Path) -> None:
+    """The budget cannot be reset by editing the state in the ledger's database."""
+    gate = gate_for(tmp_path)
+    through_gate(gate, instruction(), honest)
+    gate.ledger.db.execute("UPDATE tip SET state = ?", (b'{"schema":1}',))
+    with pytest.raises(LedgerError):
+        through_gate(gate, instruction(), honest)
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def test_release_time_is_a_slot_boundary_not_the_apps_compute_time() -> None:
+    policy = ReleasePolicy(slot_s=1.0, max_slots=8)
+    arrived = 1000.0
+    for ready in (1000.01, 1000.5, 1000.99):
+        assert schedule(policy, arrived, ready).at == 1001.0
+    assert schedule(policy, arrived, 1002.3).at == 1003.0
+    late = schedule(policy, arrived, 1010.0)
+    assert late.late and late.at == 1008.0
+
+
+def test_compute_time_inside_a_slot_does_not_move_the_release(tmp_path: Path) -> None:
+    gate = gate_for(tmp_path, release=ReleasePolicy(slot_s=0.4, max_slots=16))
+    offsets = []
+    for delay in (0.0, 0.25):
+
+        def slow(msg: Message, delay: float = delay) -> Message:
+            time.sleep(delay)
+            return honest(msg)
+
+        out = through_gate(gate, instruction(), slow)
+        assert out.message is not None
+        offsets.append(round(out.message.metadata.created_at - out.release.arrived, 6))
+    assert offsets == [0.4, 0.4]
+
+
+def test_a_reply_not_ready_by_the_last_slot_is_refused(tmp_path: Path) -> None:
+    gate = gate_for(tmp_path, release=ReleasePolicy(slot_s=0.05, max_slots=2))
+
+    def slow(msg: Message) -> Message:
+        time.sleep(0.2)
+        return honest(msg)
+
+    out = through_gate(gate, instruction(), slow)
+    assert out.decision.rule == "release-late"
+
+
+def test_every_reply_counts_its_timing_bits(tmp_path: Path) -> None:
+    gate = gate_for(tmp_path, release=ReleasePolicy(slot_s=0.01, max_slots=64))
+    out = through_gate(gate, instruction(), ATTACKS["config-record"])
+    assert out.decision.bound.refused().total == pytest.approx(1 + 6)
+    assert out.cumulative_bits == pytest.approx(7)
+
+
+# -- the reply is a fresh object --------------------------------------------------------------
+
+
+def test_bytes_written_into_the_reply_after_the_gate_do_not_leave(tmp_path: Path) -> None:
+    """The outgoing message is built from the gate's own arrays; nothing the app returned is
+    forwarded as an object."""
+    gate = gate_for(tmp_path)
+    captured: list[Message] = []
+
+    def keeps_a_handle(msg: Message) -> Message:
+        reply = honest(msg)
+        captured.append(reply)
+        return reply
+
+    out = through_gate(gate, instruction(), keeps_a_handle)
+    captured[0].content["metrics"] = MetricRecord({"train-loss": 9.99})
+    assert out.message is not None and dict(out.message.content["metrics"])["train-loss"] != pytest.approx(9.99)
+
+
+def test_entry_records_isolation_and_instruction_digest(tmp_path: Path) -> None:
+    from conftest import policy_with
+    from fedgate.flower_adapter import message_to_bytes
+    from fedgate.gate.pipeline import AppOutcome, GatePipeline
+
+    gate = GatePipeline(policy_with(), tmp_path / "h", "h", "test://")
+    ins = instruction()
+    raw = message_to_bytes(ins)
+    admission = gate.admit(raw)
+    isolation = {"mode": "sandbox", "enforced": True, "layers": []}
+    out = gate.conclude(admission, AppOutcome(message_to_bytes(honest(ins)), isolation=isolation))
+    entry = gate.ledger.entries()[out.seq]
+    assert entry["isolation"] == isolation
+    assert entry["instruction"]["sha256"] == hashlib.sha256(raw).hexdigest()

@@ -1,16 +1,35 @@
-"""Appends to a ledger in a loop, printing each sequence number once append() returned.
-Run by test_crash.py, which kills it with SIGKILL at random moments."""
+"""Appends once to a ledger and is killed (SIGKILL, by itself) at a named point of that append.
 
+    FEDGATE_LEDGER_CRASH_AT=<point> python crash_appender.py FOLDER PAYLOAD_BYTES
+
+Run by test_crash.py. The environment is read once, here: the ledger itself never reads it."""
+
+import hashlib
 import os
+import signal
 import sys
 from pathlib import Path
 
+from fedgate.ledger import crashpoints
 from fedgate.ledger.store import Ledger
 
-folder = Path(sys.argv[1])
-size = int(sys.argv[2])
-with Ledger(folder) as ledger:
-    while True:
-        receipt = ledger.append({"kind": "crash-test", "pid": os.getpid()}, {"sent": os.urandom(size)})
-        sys.stdout.write(f"{receipt.seq}\n")
+point = os.environ["FEDGATE_LEDGER_CRASH_AT"]
+if point not in crashpoints.POINTS:
+    sys.exit(f"unknown crash point {point!r}; one of {crashpoints.POINTS}")
+
+
+def kill_at(reached: str) -> None:
+    if reached == point:
+        sys.stdout.write(f"killed at {point}\n")
         sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+folder, size = Path(sys.argv[1]), int(sys.argv[2])
+payload = os.urandom(size)
+sys.stdout.write(f"payload {hashlib.sha256(payload).hexdigest()}\n")
+sys.stdout.flush()
+crashpoints.hook = kill_at
+with Ledger(folder, create=False) as ledger:
+    ledger.append({"kind": "crash-test", "point": point}, {"sent": payload}, state={"last": point})
+sys.stdout.write("not killed\n")

@@ -16,13 +16,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from fedgate.cli.fab_cmd import fab_app
 from fedgate.cli.ledger_cmd import ledger_app
 from fedgate.cli.node_cmd import node
 from fedgate.cli.policy_cmd import policy_app
 from fedgate.cli.report_cmd import report
 from fedgate.cli.review_cmd import review
+from fedgate.cli.sandbox_cmd import sandbox_app
 from fedgate.errors import FedgateError
 from fedgate.policy import load_policy
 
@@ -35,6 +38,8 @@ app = typer.Typer(
 )
 app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(fab_app, name="fab")
 app.command()(review)
 app.command()(report)
 app.command()(node)
@@ -99,10 +104,23 @@ def _run(
     out: Path,
     config: dict[str, bool | int | float | str],
     verbose: bool,
+    no_isolation: bool = False,
+    data: Path | None = None,
 ) -> None:
     from fedgate.executor.simulation import RunSpec, run_federation
 
-    spec = RunSpec(client_app, server_app, hospitals, rounds, out, load_policy(policy), config, verbose)
+    if data is not None and not data.is_dir():
+        raise FedgateError(f"--data {data} is not a folder")
+    spec = RunSpec(
+        client_app, server_app, hospitals, rounds, out, load_policy(policy), config, verbose,
+        isolation="none" if no_isolation else "sandbox", data_dir=data.resolve() if data else None,
+    )  # fmt: skip
+    if no_isolation:
+        err_console.print(
+            "[bold red]--no-isolation: the ClientApp runs in Flower's own processes, unsandboxed. The gate still "
+            "checks, clips and noises each reply, but a malicious ClientApp can get around it: NOTHING IS ENFORCED. "
+            "The ledger, summary.json and the report say so.[/]"
+        )
     _print_outcome(run_federation(spec, console), out)
 
 
@@ -142,12 +160,28 @@ def run(
         typer.Option("--config", "-c", help="App run-config KEY=VALUE, e.g. -c subset=300 -c local-epochs=1."),
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
+    no_isolation: Annotated[
+        bool,
+        typer.Option(
+            "--no-isolation",
+            help="Run the ClientApp unsandboxed in Flower's processes (faster to start; NOTHING is enforced "
+            "against a malicious ClientApp, and every record says so).",
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None, typer.Option(help="A data folder the ClientApp may read (read-only in its sandbox).")
+    ] = None,
 ) -> None:
-    """Run any Flower ClientApp/ServerApp pair in simulation, every reply through the gate.
+    """Run any Flower ClientApp/ServerApp pair in simulation: each hospital's ClientApp in its
+    own sandbox, every reply through that hospital's gate and into its ledger.
 
     Example: fedgate run --hospitals 3 --rounds 2 -c subset=300 --out runs/quick
+
+    An --out folder that holds earlier runs is continued: the same hospitals, whose budgets,
+    halts and pinned models carry over; each run writes OUT/runs/RUN_ID/ and OUT/summary.json.
     """
-    _run(client_app, server_app, hospitals, rounds, policy, out, _parse_config(config or []), verbose)
+    _run(client_app, server_app, hospitals, rounds, policy, out, _parse_config(config or []), verbose, no_isolation,
+         data)  # fmt: skip
 
 
 @app.command()
@@ -164,9 +198,13 @@ def demo(
         ),
     ] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
+    no_isolation: Annotated[
+        bool, typer.Option("--no-isolation", help="Unsandboxed ClientApps (for speed; nothing enforced).")
+    ] = False,
 ) -> None:
     """The main job: brain-MRI tumour classification (Br35H) across 5 hospitals with
-    Dirichlet(0.5) label skew, every reply gated, clipped, noised and recorded."""
+    Dirichlet(0.5) label skew, each hospital's ClientApp sandboxed, every reply gated,
+    clipped, noised and recorded."""
     if deploy:
         from fedgate.executor.local_federation import run_local_deployment
 
@@ -181,6 +219,7 @@ def demo(
         out,
         dict(DEMO_CONFIG),
         verbose,
+        no_isolation,
     )
 
 
@@ -188,11 +227,14 @@ def main() -> None:
     try:
         app()
     except FedgateError as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}")  # "[update]" is text, not markup
         sys.exit(2)
     except ValueError as err:  # bad data or partition settings from the app's own loaders
-        err_console.print(f"[bold red]error:[/] {err}")
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}")
         sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[bold yellow]stopped[/]")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from fedgate.policy import load_policy
 
 def node(
     runtime_api_address: Annotated[str, typer.Option(help="The SuperNode's runtime API (its --host:--port).")],
-    hospital_dir: Annotated[Path, typer.Option(help="This hospital's folder: ledger, review queue, sandbox scratch.")],
+    hospital_dir: Annotated[
+        Path, typer.Option(help="This hospital's folder: ledger, keys, review queue, installed apps, sandbox logs.")
+    ],
     data_dir: Annotated[
         Path, typer.Option(help="The data folder the ClientApp may read (read-only inside the sandbox).")
     ],
@@ -25,11 +27,21 @@ def node(
     superexec_auth_secret_file: Annotated[
         Path | None, typer.Option(help="Shared secret file, as given to flower-supernode --superexec-auth-secret-file.")
     ] = None,
+    allow_root: Annotated[
+        bool,
+        typer.Option(
+            "--allow-root",
+            help="Run even as root (discouraged: run as a dedicated user). The sandbox then drops to an "
+            "unprivileged uid of its own, and every ledger entry records that the node ran as root.",
+        ),
+    ] = False,
 ) -> None:
-    """Execute the SuperNode's ClientApp tasks: sandboxed, gated, recorded.
+    """Execute the SuperNode's ClientApp tasks: admitted by the gate, the research team's app
+    package checked and installed by the hospital's rules, run in a sandbox, gated, recorded.
 
     Replaces Flower's SuperExec + flwr-clientapp. Start it next to
-    `flower-supernode --isolation process --port P`; only the SuperNode talks to the outside."""
+    `flower-supernode --isolation process --port P`; only the SuperNode talks to the outside.
+    Check the host first with `fedgate sandbox check`."""
     from fedgate.executor.node import NodeConfig, serve
 
     if not insecure and root_certificates is None:
@@ -39,13 +51,13 @@ def node(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = NodeConfig(
         runtime_api_address=runtime_api_address,
-        hospital_dir=hospital_dir,
+        hospital_dir=hospital_dir.resolve(),
         data_dir=data_dir.resolve(),
         policy=load_policy(policy),
         destination=destination,
         insecure=insecure,
         root_certificates=root_certificates.read_bytes() if root_certificates else None,
         superexec_auth_secret=superexec_auth_secret_file.read_bytes() if superexec_auth_secret_file else None,
+        allow_root=allow_root,
     )
-    hospital_dir.mkdir(parents=True, exist_ok=True)
     serve(config)

@@ -12,14 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -28,11 +26,14 @@ from rich.console import Console
 
 from fedgate.errors import FedgateError
 from fedgate.executor.pki import make_node_auth_key, make_server_pki
+from fedgate.executor.processes import Started, become_subreaper, signals_interrupt
 from fedgate.executor.progress import METRICS_FILE, RoundPrinter
+from fedgate.executor.simulation import check_out_dir
 from fedgate.executor.summary import write_summary
 from fedgate.gate.pipeline import LEDGER_DIR
 from fedgate.ledger.store import Ledger
 from fedgate.policy import load_policy
+from fedgate.sandbox import procs
 
 APP_DIR = Path(__file__).resolve().parents[3] / "apps" / "medical"
 
@@ -72,6 +73,8 @@ class LocalFederation:
         self.bin = Path(sys.executable).parent
         self.link_port = link_port or free_port()
         self.cli_home = self.out_dir / "flwr-cli"
+        become_subreaper()
+        self._started = Started()
 
     @property
     def hospital_dirs(self) -> list[Path]:
@@ -210,6 +213,8 @@ class LocalFederation:
                 ]
                 if self.policy:
                     cmd += ["--policy", str(self.policy)]
+                if os.geteuid() == 0:
+                    cmd.append("--allow-root")  # recorded in every ledger entry
                 self._start(f"fedgate-node-{index}", cmd, flwr_home)
             else:
                 self._start(
@@ -244,60 +249,29 @@ class LocalFederation:
         return log
 
     def stop(self) -> None:
-        """Stop every process that belongs to this run: SIGTERM, then SIGKILL after 10 s.
-
-        "Belongs" is read from /proc, not from our list alone: a process started in the
-        instant Ctrl-C arrived, the SuperLink's own ServerApp processes and the fedgate nodes'
-        sandbox children all run in, or name, the run folder."""
-        deadline = time.monotonic() + 10
-        while pids := _processes_under(self.out_dir):
-            late = time.monotonic() > deadline
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL if late else signal.SIGTERM)
-            for proc in self.procs:
-                proc.poll()  # reap our own children as they exit
-            if time.monotonic() > deadline + 10:
-                raise FedgateError(f"processes {pids} of {self.out_dir} survived SIGKILL")
-            time.sleep(0.2)
+        """Stop exactly the processes this federation started, and everything they started
+        (the SuperLink's ServerApp processes, the nodes' sandboxes): SIGTERM to each one's
+        process group, then SIGKILL to whatever is left of each tree, all within 10 s. No
+        other process is looked at: a `less runs/demo/...` in another terminal is safe."""
+        deadline = time.monotonic() + 4
         for proc in self.procs:
-            proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
+            procs.kill_tree(proc.pid, timeout_s=2.0)
+        left = self._started.stop(grace_s=0.5, timeout_s=3.0)  # orphans re-parented to us (subreaper)
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
         self.procs.clear()
         for log in self._log_files:
             log.close()
         self._log_files.clear()
-        for hospital_dir in self.hospital_dirs:
-            shutil.rmtree(hospital_dir / "scratch", ignore_errors=True)
-
-
-def _ancestors() -> set[int]:
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            break
-    return pids
-
-
-def _processes_under(folder: Path) -> list[int]:
-    """Live processes whose command line names `folder` or whose working directory is in it,
-    except this process and its ancestors (the shell that started us may name it too)."""
-    mine, found = _ancestors(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in mine:
-            continue
-        try:
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue  # exited, waiting to be reaped
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except (OSError, IndexError):
-            continue
-        if str(folder) in cmdline or cwd == str(folder) or cwd.startswith(f"{folder}/"):
-            found.append(int(entry.name))
-    return found
+        if left:
+            raise FedgateError(f"processes {left} of the federation survived SIGKILL")
 
 
 def run_local_deployment(
@@ -312,47 +286,41 @@ def run_local_deployment(
     link_port: int | None = None,
 ) -> dict[str, Any]:
     """Start the federation, run the app, stop everything; return (and write) the summary."""
-    metrics_path = out_dir.resolve() / METRICS_FILE
-    metrics_path.unlink(missing_ok=True)
+    out_dir = out_dir.resolve()
+    if check_out_dir(out_dir) == "continuing":
+        console.print(f"[yellow]{out_dir} holds earlier runs: continuing with the same hospitals[/]")
+    run_dir = out_dir / "runs" / f"deploy-{time.time_ns()}"
+    run_dir.mkdir(parents=True)
+    metrics_path = run_dir / METRICS_FILE
     config = {**run_config, "num-server-rounds": rounds, "num-hospitals": hospitals, "metrics-file": str(metrics_path)}
     started = time.monotonic()
     console.print(
         f"[bold]fedgate --deploy[/] {hospitals} hospitals x {rounds} rounds: SuperLink (TLS, SuperNode "
         f"authentication), {hospitals} SuperNodes, {'fedgate nodes' if gated else 'Flower SuperExec'}; out {out_dir}"
     )
-    with _sigterm_as_interrupt():
+    with signals_interrupt():
         try:
             with LocalFederation(out_dir, hospitals, policy, gated=gated, link_port=link_port) as federation:
                 console.print(f"federation up in {time.monotonic() - started:.1f} s; submitting the app with flwr run")
                 with RoundPrinter(metrics_path, rounds, console, started):
                     federation.run_app(config, app_dir=app_dir)
-                hospital_dirs = federation.hospital_dirs
         except KeyboardInterrupt:
-            console.print("interrupted: every process of the federation has been stopped")
+            console.print(
+                f"[bold yellow]interrupted[/]: every process of the federation was stopped "
+                f"({time.monotonic() - started:.1f} s since start); the ledgers are whole"
+            )
             raise
-    run_id = _latest_run_id(hospital_dirs[0]) if gated else 0
+    run_id = _latest_run_id(out_dir / "hospital-0") if gated else 0
+    final_dir = out_dir / "runs" / str(run_id)
+    if run_id and not final_dir.exists():
+        run_dir = run_dir.rename(final_dir)
     seconds = time.monotonic() - started
-    return write_summary(out_dir, run_id, hospitals, rounds, seconds, hospital_dirs, load_policy(policy).hash)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """A SIGTERM (systemd, `kill`) stops the federation as Ctrl-C does, not abruptly."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return write_summary(out_dir, run_dir, run_id, hospitals, rounds, seconds, load_policy(policy).hash)
 
 
 def _latest_run_id(hospital_dir: Path) -> int:
+    if not (hospital_dir / LEDGER_DIR / "ledger.sqlite").is_file():
+        return 0
     with Ledger(hospital_dir / LEDGER_DIR, create=False) as ledger:
         entries = ledger.entries()
     return int(entries[-1]["run_id"]) if entries else 0

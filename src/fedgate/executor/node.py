@@ -1,46 +1,50 @@
 """`fedgate node`: the deployment executor, in place of Flower's SuperExec + flwr-clientapp,
 next to a stock `flower-supernode --isolation process`.
 
-For each task the SuperNode offers it pulls the instruction, context, run and FAB over the
-SuperNode's runtime API (Flower's own functions and protobufs), runs the FAB's ClientApp in
-the sandbox, passes the reply through the same gate pipeline as simulation, and pushes what
-the pipeline returns. Flower's task heartbeat runs on its own thread throughout, also while
-a reply waits for human review."""
+For each task the SuperNode offers it pulls the instruction, context and FAB over the
+SuperNode's runtime API, asks the gate to admit the instruction, checks and installs the FAB
+by the hospital's rules (fedgate.fab; never by Flower's installer), runs its ClientApp in a
+fresh sandbox, passes the reply through the same gate as simulation and pushes what the gate
+returns, with the context as pulled (only the ClientApp's state is taken from the sandbox).
+Every failure on that path is a recorded refusal and a generic error; the node goes on."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
+import stat
 import threading
-import tomllib
+import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from flwr.app import Message
-from flwr.cli.install import install_from_fab
-from flwr.common.config import get_project_dir
-from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
-from flwr.supercore.protobuf.client import ProtobufClientInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from typing import Any
 
 from fedgate.errors import FedgateError
-from fedgate.gate.pipeline import GatePipeline
+from fedgate.executor.hospital import Hospital, HospitalConfig
+from fedgate.fab import FabPolicy, install_fab
+from fedgate.flower_adapter import (
+    acquire_task,
+    context_to_bytes,
+    finish_task,
+    message_from_bytes,
+    message_to_bytes,
+    pull_task,
+    push_reply,
+    recorddict_from_bytes,
+    refusal,
+    runtime_client,
+    start_heartbeat,
+)
+from fedgate.gate.pipeline import GENERIC_REFUSAL
 from fedgate.policy import Policy
-from fedgate.sandbox.layers import Limits
-from fedgate.sandbox.runner import SandboxConfig, run_in_sandbox
+from fedgate.sandbox.runner import AppRef
 
 log = logging.getLogger("fedgate.node")
-ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+FAB_DIR = "fabs"
+
+
+class NodeRefused(FedgateError):
+    """The node will not start as configured (root without --allow-root, unsafe key files)."""
 
 
 @dataclass(frozen=True)
@@ -54,96 +58,98 @@ class NodeConfig:
     root_certificates: bytes | None = None
     superexec_auth_secret: bytes | None = None
     poll_s: float = 0.5
+    allow_root: bool = False
+    landlock: bool = True
 
-    def sandbox(self) -> SandboxConfig:
-        limits = Limits(memory_mb=self.policy.sandbox_memory_mb, cpu_seconds=self.policy.sandbox_cpu_seconds)
-        return SandboxConfig(
-            data_dir=self.data_dir,
-            scratch_root=self.hospital_dir / "scratch",
-            limits=limits,
-            allow_downgrade=self.policy.sandbox_allow_downgrade,
-            timeout_s=self.policy.sandbox_timeout_s,
+
+def check_node_user(config: NodeConfig) -> dict[str, Any]:
+    """The node never runs as root unless told to (and then it is on record); the hospital
+    folder is the node user's, and private keys in it are readable by that user only."""
+    uid = os.geteuid()
+    if uid == 0 and not config.allow_root:
+        raise NodeRefused(
+            "fedgate node refuses to run as root: run it as the dedicated user that owns the hospital folder "
+            "(docs/deploy.md), or pass --allow-root, which every ledger entry then records"
         )
+    folder = config.hospital_dir
+    if folder.exists() and folder.stat().st_uid != uid:
+        raise NodeRefused(f"{folder} belongs to uid {folder.stat().st_uid}, not to the node's user ({uid})")
+    for key in [*folder.glob("**/*.key"), *folder.glob("**/*.secret")]:
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:
+            raise NodeRefused(f"{key} is readable by others (mode {mode:o}); run chmod 600 on it")
+    return {"node_uid": uid, "as_root": uid == 0}
 
 
-def client_app_reference(app_dir: Path) -> str:
-    """The ClientApp named in the FAB's pyproject.toml ([tool.flwr.app.components])."""
-    try:
-        config = tomllib.loads((app_dir / "pyproject.toml").read_text())
-        return str(config["tool"]["flwr"]["app"]["components"]["clientapp"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as err:
-        raise FedgateError(f"the FAB in {app_dir} names no ClientApp: {err}") from err
+def fab_source(config: NodeConfig, fab: bytes, claimed: str) -> Any:
+    """The node's FAB intake, run only after the gate admitted the instruction."""
+
+    def install() -> tuple[AppRef, dict[str, Any]]:
+        policy: FabPolicy = config.policy.fab
+        installed = install_fab(fab, config.hospital_dir / FAB_DIR, policy)
+        evidence = {"fab_sha256": installed.sha256, "fab_hash_claimed": claimed, "fab": installed.report.to_json()}
+        return AppRef(installed.client_app_ref, (installed.path,)), evidence
+
+    return install
 
 
-def _client(config: NodeConfig, *extra: ProtobufClientInterceptor) -> RuntimeHttpClient:
-    interceptors: list[ProtobufClientInterceptor] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
-    return RuntimeHttpClient.from_server_address(
-        server_address=config.runtime_api_address,
-        insecure=config.insecure,
-        root_certificates=config.root_certificates,
-        interceptors=[*interceptors, *extra],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
-
-
-def run_task(config: NodeConfig, token: str, pipeline: GatePipeline) -> None:
-    """One task: pull, run sandboxed, gate, push. Whatever fails, the SuperNode hears back
-    (a gated reply or a generic refusal) and the ledger holds what happened."""
-    client = _client(config, RuntimeTokenHttpInterceptor(token))
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-    heartbeat.start()
+def run_task(config: NodeConfig, token: str, hospital: Hospital, node_facts: dict[str, Any]) -> None:
+    """One task: pull, gate, FAB intake, sandbox, gate, push. Whatever fails, the SuperNode
+    hears back (a gated reply or the generic refusal) and the ledger holds what happened."""
+    client = runtime_client(config.runtime_api_address, config.insecure, config.root_certificates, token=token)
+    heartbeat = start_heartbeat(client)
     context = None
-    status, details = SubStatus.FAILED, "fedgate node: task failed"
+    completed = False
     try:
-        message, context, run, fab = pull_task_input(client)
-        install_from_fab(fab.content, skip_prompt=True)
-        app_dir = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
-        evidence: dict[str, object] = {"executor": "fedgate-node", "fab_hash": fab.hash_str}
-        reply: Message | BaseException
+        message, context, fab, claimed = pull_task(client)
+        arrived = time.time()
+        raw, ctx = message_to_bytes(message), context_to_bytes(context)
         try:
-            outcome = run_in_sandbox(config.sandbox(), client_app_reference(app_dir), app_dir, message, context)
-            reply = outcome.reply
-            context = outcome.context
-            evidence["sandbox"] = outcome.isolation
-            evidence["sandbox_downgraded"] = outcome.downgraded
-        except FedgateError as err:  # isolation refused: the untrusted code never ran
-            reply = err
-            evidence["sandbox_refused"] = str(err)
-        outgoing = pipeline.process(message, reply, evidence)
-        push_message(client, outgoing, context)
-        status, details = SubStatus.COMPLETED, ""
-    except Exception as err:
-        log.exception("task failed")
-        details = f"fedgate node: {type(err).__name__}"
-        raise
+            outgoing, state = hospital.run_task(raw, ctx, arrived, fab_source(config, fab, claimed))
+            reply = message_from_bytes(outgoing)
+        except Exception:
+            log.exception("the gate failed; sending the generic refusal only")
+            reply, state = refusal(message, time.time(), GENERIC_REFUSAL), None
+        if state is not None:
+            context.state = recorddict_from_bytes(state)  # the ids stay as pulled
+        push_reply(client, reply, context)
+        completed = True
     finally:
-        push_task_output(client=client, context=context, sub_status=status, details=details)
-        heartbeat.stop()
-        client.close()
+        try:
+            finish_task(client, context, completed)
+        finally:
+            heartbeat.stop()
+            client.close()
 
 
 def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
     """Poll the SuperNode for ClientApp tasks until `stop` is set."""
     stop = stop or threading.Event()
-    interceptors: list[ProtobufClientInterceptor] = []
-    if config.superexec_auth_secret:
-        interceptors.append(
-            SuperExecAuthHttpInterceptor(
-                master_secret=config.superexec_auth_secret, protected_methods=frozenset({ACQUIRE_METHOD})
-            )
+    facts = check_node_user(config)
+    config.hospital_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = config.hospital_dir.name
+    hospital = Hospital(
+        HospitalConfig(
+            name=name, folder=config.hospital_dir, policy=config.policy, destination=config.destination,
+            data_dir=config.data_dir, landlock=config.landlock, preload=(), keep_worker=False, keep_state=False,
+            executor={"executor": "fedgate-node", **facts},
         )
-    client = _client(config, *interceptors)
-    hospital = config.hospital_dir.name
-    pipeline = GatePipeline(config.policy, config.hospital_dir, hospital, config.destination)
-    log.info("%s: serving ClientApp tasks from %s", hospital, config.runtime_api_address)
+    )  # fmt: skip
+    fingerprint = hospital.call(lambda: hospital.gate.ledger.fingerprint)  # the ledger lives on its thread
+    log.info("%s: ledger key fingerprint %s", name, fingerprint)
+    client = runtime_client(config.runtime_api_address, config.insecure, config.root_certificates,
+                            config.superexec_auth_secret)  # fmt: skip
+    log.info("%s: serving ClientApp tasks from %s", name, config.runtime_api_address)
     try:
         while not stop.is_set():
-            response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-            if response.HasField("task") and response.token:
-                with contextlib.suppress(Exception):  # one bad task must not stop the node (logged)
-                    run_task(config, response.token, pipeline)
+            token = acquire_task(client)
+            if token:
+                try:
+                    run_task(config, token, hospital, facts)
+                except Exception:  # one bad task must not stop the node (it is logged)
+                    log.exception("task failed")
                 continue
             stop.wait(config.poll_s)
     finally:
-        pipeline.close()
+        hospital.close()
         client.close()

@@ -1,13 +1,22 @@
-"""`fedgate run`: any Flower ClientApp/ServerApp pair in Flower's simulation engine, every
-reply through the hospital's gate pipeline, results in `OUT/summary.json`."""
+"""`fedgate run` / `fedgate demo`: any Flower ClientApp/ServerApp pair in Flower's simulation
+engine, each hospital's ClientApp in a sandbox of its own, every reply through its gate.
+
+This process holds the hospitals (gates, ledgers, sandboxes) and nothing of the research
+team's code. Flower's engine, the ServerApp and Ray run in a child process (`simulation_process`)
+whose ClientApp is a relay to the hospitals here. Ctrl-C or SIGTERM stops that child, every
+sandbox and every process either started, within seconds; the ledgers stay whole."""
 
 from __future__ import annotations
 
-import logging
+import json
 import os
+import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +25,21 @@ from typing import Any
 from rich.console import Console
 
 from fedgate.errors import FedgateError
-from fedgate.executor.gated_client_app import GatedClientApp, hospital_name
-from fedgate.executor.loading import load_client_app, load_server_app
+from fedgate.executor.hospital import Hospital, HospitalConfig, preload_for
+from fedgate.executor.processes import Started, become_subreaper, signals_interrupt
 from fedgate.executor.progress import METRICS_FILE, RoundPrinter
+from fedgate.executor.relay import RelayServer, hospital_name
 from fedgate.executor.summary import write_summary
+from fedgate.flower_adapter import new_run_id
 from fedgate.policy import Policy
+from fedgate.sandbox.runner import AppRef
+from fedgate.sandbox.spec import SandboxError, package_dir
 
 REFERENCE_CLIENT_APP = "fedgate_medical.client_app:app"
 REFERENCE_SERVER_APP = "fedgate_medical.server_app:app"
 SIMULATION_DESTINATION = "simulation://serverapp"
+RUNS_DIR = "runs"
+PROCESS_STOP_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -37,110 +52,193 @@ class RunSpec:
     policy: Policy
     run_config: Mapping[str, bool | int | float | str] = field(default_factory=dict)
     verbose: bool = False
+    isolation: str = "sandbox"  # "sandbox" | "none" (--no-isolation)
+    data_dir: Path | None = None
+    landlock: bool = True
 
 
-def _check(spec: RunSpec) -> None:
-    if spec.hospitals < 1:
-        raise FedgateError(f"--hospitals must be at least 1, got {spec.hospitals}")
-    if spec.rounds < 1:
-        raise FedgateError(f"--rounds must be at least 1, got {spec.rounds}")
+def check_out_dir(out_dir: Path) -> str:
+    """A usable run folder, or a one-line error. Returns "new" (empty or absent) or
+    "continuing" (it holds fedgate hospitals or runs: the same hospitals take part again)."""
+    for parent in [out_dir, *out_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise FedgateError(f"--out {out_dir}: {parent} is a file, not a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return "new"
+    if (out_dir / RUNS_DIR).is_dir() or any(out_dir.glob("hospital-*")):
+        return "continuing"
+    raise FedgateError(f"--out {out_dir} is a folder with other things in it; choose a new or empty folder")
 
 
-def _ray_temp_dir(out_dir: Path) -> tuple[str, bool]:
-    """Ray's session folder, inside the run folder when the path is short enough for the
-    Unix sockets Ray puts there (107 bytes); else a fresh temporary folder we delete after."""
-    candidate = out_dir.resolve() / "ray"
-    if len(str(candidate)) <= 40:
-        return str(candidate), False
-    return tempfile.mkdtemp(prefix="fg-ray-"), True
+def app_config_keys(module: str) -> set[str] | None:
+    """The run-config keys an app declares ([tool.flwr.app.config] in the pyproject.toml
+    beside its package), found without importing it; None when it has none to check against."""
+    try:
+        where = package_dir(module)
+    except SandboxError:
+        return None
+    for folder in [where, *where.parents][:4]:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            try:
+                config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+            except (KeyError, tomllib.TOMLDecodeError, OSError):
+                return None
+            return set(config)
+    return None
 
 
-def _quiet_flower(verbose: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
-    logging.getLogger("ray").setLevel(level)
+def check_config_keys(module: str, config: Mapping[str, object]) -> None:
+    known = app_config_keys(module)
+    if known is None:
+        return
+    unknown = sorted(set(config) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        raise FedgateError(f"unknown -c key(s) for {module}: {', '.join(hints)}; known: {', '.join(sorted(known))}")
+
+
+def _app_ref(reference: str) -> tuple[AppRef, Path]:
+    """The app to sandbox, and where its own sources are (for `preload_for`)."""
+    module = reference.partition(":")[0]
+    if not module or ":" not in reference:
+        raise FedgateError(f"client app {reference!r} must look like MODULE:ATTR, e.g. {REFERENCE_CLIENT_APP}")
+    try:
+        where = package_dir(module)
+    except SandboxError as err:
+        raise FedgateError(f"client app {reference!r}: {err}") from err
+    return AppRef(reference, (where.parent,)), where
 
 
 def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, Any]:
     """Run the federation; return (and write) the summary."""
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
     console = console or Console()
-    _check(spec)
-    client_app = load_client_app(spec.client_app)
-    server_app = load_server_app(spec.server_app)
-    out_dir = spec.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hospital_dirs = [out_dir / hospital_name(i) for i in range(spec.hospitals)]
-    for folder in hospital_dirs:
-        folder.mkdir(exist_ok=True)
-    metrics_path = out_dir / METRICS_FILE
-    metrics_path.unlink(missing_ok=True)
-
+    if spec.hospitals < 1:
+        raise FedgateError(f"--hospitals must be at least 1, got {spec.hospitals}")
+    if spec.rounds < 1:
+        raise FedgateError(f"--rounds must be at least 1, got {spec.rounds}")
+    out_dir = spec.out_dir.resolve()
+    mode = check_out_dir(out_dir)
+    app, sources = _app_ref(spec.client_app)
+    check_config_keys(spec.client_app.partition(":")[0], spec.run_config)
+    run_id = new_run_id()
+    run_dir = out_dir / RUNS_DIR / str(run_id)
+    run_dir.mkdir(parents=True)
+    metrics_path = run_dir / METRICS_FILE
     run_config: dict[str, bool | int | float | str] = {
-        **spec.run_config,
-        "num-server-rounds": spec.rounds,
-        "num-hospitals": spec.hospitals,
-        "metrics-file": str(metrics_path.resolve()),
-    }
-    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
-    run = Run.create_empty(run_id=run_id)
-    run.override_config = run_config
-    run.primary_task_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    # Flower's Message constructor reads the sender's identity from this process-wide slot.
-    TaskIdentity.task_id = run.primary_task_id
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    server_context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-
-    gated = GatedClientApp(client_app, spec.policy, out_dir, SIMULATION_DESTINATION, run_config)
-    ray_dir, ray_dir_is_temp = _ray_temp_dir(out_dir)
-    backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": max(1, min(os.cpu_count() or 1, spec.hospitals)),
-            "_temp_dir": ray_dir,
-            "logging_level": logging.DEBUG if spec.verbose else logging.ERROR,
-            "log_to_driver": spec.verbose,
-        },
-    }
-    _quiet_flower(spec.verbose)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        **spec.run_config, "num-server-rounds": spec.rounds, "num-hospitals": spec.hospitals,
+        "metrics-file": str(metrics_path),
+    }  # fmt: skip
+    if mode == "continuing":
+        console.print(f"[yellow]{out_dir} holds earlier runs: continuing with the same hospitals[/] (their budgets, "
+                      f"halts and pinned models carry over); this run's files: {run_dir}")  # fmt: skip
+    isolation = "[green]sandboxed[/]" if spec.isolation == "sandbox" else "[bold red]NOT ISOLATED (--no-isolation)[/]"
     console.print(
-        f"[bold]fedgate[/] {spec.hospitals} hospitals x {spec.rounds} rounds · client app {spec.client_app} · "
-        f"policy {spec.policy.hash[:12]} · out {out_dir}"
+        f"[bold]fedgate[/] {spec.hospitals} hospitals x {spec.rounds} rounds · client app {spec.client_app} "
+        f"({isolation}) · policy {spec.policy.hash[:12]} · run {run_id} · out {out_dir}"
     )
+    become_subreaper()
+    started_processes = Started()
+    hospitals: dict[str, Hospital] = {}
+    relay: RelayServer | None = None
+    ray_dir = tempfile.mkdtemp(prefix="fg-ray-")
     started = time.monotonic()
+    interrupted = False
     try:
-        with RoundPrinter(metrics_path, spec.rounds, console, started):
-            _run_simulation(
-                num_supernodes=spec.hospitals,
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app=gated,
-                server_app=server_app,
-                backend_config=backend_config,  # type: ignore[arg-type]
-                run=run,
-                server_app_context=server_context,
-                verbose_logging=spec.verbose,
-            )
+        with signals_interrupt():
+            for index in range(spec.hospitals):
+                name = hospital_name(index)
+                hospitals[name] = Hospital(
+                    HospitalConfig(
+                        name=name, folder=out_dir / name, policy=spec.policy, destination=SIMULATION_DESTINATION,
+                        data_dir=spec.data_dir, app=app, isolation=spec.isolation, landlock=spec.landlock,
+                        preload=preload_for(sources),
+                        executor={"executor": "fedgate-simulation", "client_app": spec.client_app},
+                    )
+                )  # fmt: skip
+            if spec.isolation == "sandbox":
+                console.print("[dim]starting the sandboxes…[/]")
+                problem = hospitals[hospital_name(0)].check_app(run_id)
+                if problem:
+                    raise FedgateError(f"the client app {spec.client_app} does not load in the sandbox: {problem}")
+            token = secrets.token_hex(16)
+            relay = RelayServer(out_dir / ".relay" / "sock", token, hospitals, spec.policy.sandbox.max_frame_mb << 20)
+            relay.start()
+            returncode = _simulate(spec, run_id, run_config, run_dir, relay, token, ray_dir, console, started)
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("[bold yellow]interrupted[/]: stopping the simulation and every sandbox…")
     finally:
-        _shutdown_ray()
-        if ray_dir_is_temp:
-            shutil.rmtree(ray_dir, ignore_errors=True)
+        left = _shut_down(relay, hospitals, started_processes)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+        if interrupted:
+            console.print(
+                f"stopped in {time.monotonic() - started:.1f} s; "
+                + (f"[bold red]processes left: {left}[/]" if left else "no process left; the ledgers are whole")
+            )
+    if interrupted:
+        raise KeyboardInterrupt
+    if returncode == 2:
+        raise FedgateError(_tail(run_dir / "simulation.log") or "the ServerApp could not be loaded")
+    if returncode != 0:
+        raise FedgateError(f"the simulation failed ({returncode}); see {run_dir / 'simulation.log'}")
     seconds = time.monotonic() - started
-    return write_summary(out_dir, run_id, spec.hospitals, spec.rounds, seconds, hospital_dirs, spec.policy.hash)
+    return write_summary(out_dir, run_dir, run_id, spec.hospitals, spec.rounds, seconds, spec.policy.hash)
 
 
-def _shutdown_ray() -> None:
-    import ray
+def _simulate(
+    spec: RunSpec,
+    run_id: int,
+    run_config: dict[str, bool | int | float | str],
+    run_dir: Path,
+    relay: RelayServer,
+    token: str,
+    ray_dir: str,
+    console: Console,
+    started: float,
+) -> int:
+    sim_spec = {
+        "server_app": spec.server_app,
+        "hospitals": spec.hospitals,
+        "run_id": run_id,
+        "run_config": run_config,
+        "relay": str(relay.path),
+        "max_frame": spec.policy.sandbox.max_frame_mb << 20,
+        "inner": spec.client_app if spec.isolation == "none" else None,
+        "ray_dir": ray_dir,
+        "verbose": spec.verbose,
+    }
+    spec_path = run_dir / "simulation.json"
+    spec_path.write_text(json.dumps(sim_spec, indent=2))
+    env = {**os.environ, "FEDGATE_RELAY_TOKEN": token, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    with (run_dir / "simulation.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedgate.executor.simulation_process", str(spec_path)],
+            stdout=None if spec.verbose else log,
+            stderr=None if spec.verbose else log,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches this process, which stops that one cleanly
+        )
+        with RoundPrinter(run_dir / METRICS_FILE, spec.rounds, console, started):
+            return proc.wait()
 
-    if ray.is_initialized():
-        ray.shutdown()
+
+def _shut_down(relay: RelayServer | None, hospitals: Mapping[str, Hospital], started: Started) -> list[int]:
+    """Stop the simulation's processes first (no new task arrives), then each hospital."""
+    left = started.stop(timeout_s=PROCESS_STOP_S / 2)
+    if relay is not None:
+        relay.close()
+    for hospital in hospitals.values():
+        hospital.close()
+    return left + started.stop(timeout_s=PROCESS_STOP_S / 2)
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else ""

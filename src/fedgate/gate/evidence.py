@@ -21,22 +21,29 @@ class StageEvidence:
 
 @dataclass(frozen=True)
 class Bound:
-    """Bits any reply can carry: the noised update's channel capacity, each metric's
-    log2(levels), and one bit for whether it was sent at all."""
+    """Bits one reply can carry, whatever the ClientApp does: the noised update's channel
+    capacity, each metric's log2(levels), one bit for whether it was sent at all, and
+    log2(slots) for when it was released. A refused reply still carries the last two."""
 
-    update_bits: float
-    metric_bits: float
+    update_bits: float = 0.0
+    metric_bits: float = 0.0
     decision_bits: float = 1.0
+    timing_bits: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.update_bits + self.metric_bits + self.decision_bits
+        return self.update_bits + self.metric_bits + self.decision_bits + self.timing_bits
+
+    def refused(self) -> Bound:
+        """What a refusal of this reply still carries: sent-or-not, and when."""
+        return Bound(0.0, 0.0, self.decision_bits, self.timing_bits)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "update_bits": decimal_str(self.update_bits),
             "metric_bits": decimal_str(self.metric_bits),
             "decision_bits": decimal_str(self.decision_bits),
+            "timing_bits": decimal_str(self.timing_bits),
             "total_bits": decimal_str(self.total),
         }
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord
+import numpy as np
 
 from fedgate.canonical import canonical_json
 
@@ -26,8 +27,8 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
 
     @classmethod
-    def of(cls, record: ArrayRecord) -> Manifest:
-        return cls(tuple(TensorSpec(name, str(a.dtype), tuple(int(d) for d in a.shape)) for name, a in record.items()))
+    def of_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Manifest:
+        return cls(tuple(TensorSpec(name, str(a.dtype), tuple(int(d) for d in a.shape)) for name, a in arrays.items()))
 
     def to_json(self) -> list[Any]:
         return [t.to_json() for t in self.tensors]
@@ -35,6 +36,16 @@ class Manifest:
     @property
     def hash(self) -> str:
         return hashlib.sha256(canonical_json(self.to_json())).hexdigest()
+
+    @property
+    def parameters(self) -> int:
+        total = 0
+        for tensor in self.tensors:
+            count = 1
+            for dim in tensor.shape:
+                count *= dim
+            total += count
+        return total
 
     def diff(self, other: Manifest) -> dict[str, Any]:
         """What `other` has that differs from self: missing, added and changed tensors."""

@@ -1,125 +1,100 @@
-"""The single seam through which every reply leaves a hospital, in both executors.
+"""The one seam every reply passes, in both executors:
 
-    reply = client_app(instruction)          # untrusted code, in process or in the sandbox
-    outgoing = pipeline.process(instruction, reply)
-    send(outgoing)                           # only after process() returned
+    admission = gate.admit(instruction_bytes)        # before any untrusted code runs
+    outcome = <run the ClientApp in the sandbox>      # only if admission.refusal is None
+    result = gate.conclude(admission, outcome)        # rules, review, ledger (durable), release
+    send(result.message)                              # built from the instruction and gate values only
 
-`process` applies the gate's rules (`decide`), records the exact outgoing bytes and the
-evidence in the hospital's ledger (durable before it returns) and builds the message to
-send: the checked, transformed reply, or an error reply with a generic reason."""
+`admit` refuses what needs no reply to refuse (a halted hospital, an unapproved model, a
+malformed or non-finite instruction, a spent budget). `conclude` decodes the reply's bytes,
+applies the rules, holds it for review when the policy says so, appends the ledger entry
+(fsynced, with the gate's new state in the same transaction) and waits for the release slot.
+Nothing fails open: any error on this path is a recorded refusal, and if even the ledger
+fails, the executor sends the generic refusal and nothing else."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
-import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedgate.canonical import decimal_str
-from fedgate.gate.decide import REFUSED_BOUND, GateHistory, decide, message_category
-from fedgate.gate.evidence import GateDecision, StageEvidence
-from fedgate.gate.manifest import Manifest
-from fedgate.gate.update import fresh_generator
+from fedgate.errors import GateRefusal
+from fedgate.flower_adapter import make_reply, message_from_bytes, recorddict_to_bytes, refusal
+from fedgate.gate import rules
+from fedgate.gate.decode import Instruction, decode_instruction, decode_reply, literal_round
+from fedgate.gate.entries import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_REVIEW_HELD, KIND_SENT
+from fedgate.gate.evidence import Bound, GateDecision, StageEvidence
+from fedgate.gate.noise import NoiseSource
+from fedgate.gate.release import Release, schedule, wait_until
+from fedgate.gate.review import hold_for_review
+from fedgate.gate.state import GateState
 from fedgate.ledger.store import Ledger
 from fedgate.policy import Policy
-from fedgate.review.queue import APPROVED, REJECTED, ReviewItem, ReviewQueue
 
 log = logging.getLogger("fedgate.gate")
 
 GENERIC_REFUSAL = "refused by the hospital's egress gate"
-REFUSAL_CODE = ErrorCode.MOD_FAILED_PRECONDITION
 LEDGER_DIR = "ledger"
-KIND_SENT = "reply-sent"
-KIND_REFUSED = "reply-refused"
-KIND_REVIEW = "review-decision"
-KIND_POLICY = "policy"
 
 
-def content_bytes(content: RecordDict) -> bytes:
-    """The exact protobuf bytes of a reply's content (Flower's own serde; no pickle)."""
-    return bytes(recorddict_to_proto(content).SerializeToString())
+@dataclass(frozen=True)
+class AppOutcome:
+    """What running the ClientApp gave: the reply's bytes, or why there are none, and how
+    it was isolated (recorded with the reply)."""
+
+    reply: bytes | None
+    error: str = ""
+    rule: str = ""
+    isolation: dict[str, Any] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)
 
 
-def content_from_bytes(data: bytes) -> RecordDict:
-    return recorddict_from_proto(ProtoRecordDict.FromString(data))
+@dataclass(frozen=True)
+class Admission:
+    raw: bytes
+    message: Message | None
+    arrived: float
+    state: GateState
+    instruction: Instruction | None = None
+    refusal: GateRefusal | None = None
+    bound: Bound = field(default_factory=Bound)
+    gate_round: int = 0
+    stages: tuple[StageEvidence, ...] = ()
 
-
-def tensor_table(instruction: Message, content: RecordDict) -> list[dict[str, Any]]:
-    """Per tensor of the outgoing model: name, shape, dtype and the L2 norm of its update."""
-    rows: list[dict[str, Any]] = []
-    for name, record in content.array_records.items():
-        base = instruction.content.array_records[name]
-        for spec in Manifest.of(record).tensors:
-            sent, before = record[spec.name].numpy(), base[spec.name].numpy()
-            norm = math.sqrt(float(((sent.astype("float64") - before.astype("float64")) ** 2).sum()))
-            rows.append(
-                {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype, "update_l2": decimal_str(norm)}
-            )
-    return rows
-
-
-def server_round(instruction: Message) -> int:
-    if instruction.has_content():
-        for record in instruction.content.values():
-            if isinstance(record, ConfigRecord) and "server-round" in record:
-                return int(record["server-round"])  # type: ignore[arg-type]
-    return 0
-
-
-def history_from_entries(entries: Iterable[dict[str, Any]], run_id: int, policy: Policy) -> GateHistory:
-    """What the gate must remember, rebuilt from the ledger so that a crash loses nothing."""
-    pinned, bits, halted = "", 0.0, False
-    for entry in entries:
-        if entry.get("run_id") != run_id or entry.get("kind") not in (KIND_SENT, KIND_REFUSED):
-            continue
-        decision = entry["decision"]
-        if entry["kind"] == KIND_SENT:
-            bits += float(decision["bound"]["total_bits"])
-            pinned = pinned or decision["manifest_hash"]
-        elif policy.on_refusal == "halt":
-            halted = True
-    return GateHistory(pinned_manifest=pinned, cumulative_bits=bits, halted=halted)
+    @property
+    def run_id(self) -> int:
+        return self.message.metadata.run_id if self.message is not None else 0
 
 
 @dataclass(frozen=True)
 class Outcome:
-    message: Message
+    """`message` is what to send; None only when the instruction's own bytes could not be
+    read as a Flower message (the executor then sends its generic refusal)."""
+
+    message: Message | None
     decision: GateDecision
     seq: int
     cumulative_bits: float
+    release: Release
 
 
 class GatePipeline:
-    """One hospital's gate. Cheap to build; the ledger connection opens on first use."""
+    """One hospital's gate. The only writer of its ledger; one reply at a time."""
 
-    def __init__(
-        self,
-        policy: Policy,
-        hospital_dir: Path,
-        hospital: str,
-        destination: str,
-    ) -> None:
+    def __init__(self, policy: Policy, hospital_dir: Path, hospital: str, destination: str) -> None:
         self.policy = policy
         self.hospital_dir = Path(hospital_dir)
         self.hospital = hospital
         self.destination = destination
         self._ledger: Ledger | None = None
-        self._queue: ReviewQueue | None = None
-
-    @property
-    def review_queue(self) -> ReviewQueue:
-        if self._queue is None:
-            self._queue = ReviewQueue(self.hospital_dir)
-        return self._queue
 
     @property
     def ledger(self) -> Ledger:
@@ -131,136 +106,204 @@ class GatePipeline:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
-        if self._queue is not None:
-            self._queue.close()
-            self._queue = None
 
-    def process(
-        self, instruction: Message, reply: Message | BaseException, executor: dict[str, Any] | None = None
-    ) -> Message:
-        return self.process_with_evidence(instruction, reply, executor).message
+    def state(self) -> GateState:
+        return GateState.from_json(self.ledger.state())
 
-    def process_with_evidence(
-        self, instruction: Message, reply: Message | BaseException, executor: dict[str, Any] | None = None
-    ) -> Outcome:
-        """`executor`: how the reply was produced (e.g. the sandbox's isolation layers),
-        recorded in the ledger entry beside the gate's decision."""
-        if isinstance(reply, BaseException):
-            reason = f"{type(reply).__name__}: {reply}"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=instruction)
-        run_id = instruction.metadata.run_id
-        entries = self.ledger.entries()
-        self._record_policy(entries, run_id)
-        history = history_from_entries(entries, run_id, self.policy)
-        decision, content = decide(instruction, reply, self.policy, history, fresh_generator())
-        rejected: RecordDict | None = None
-        if content is not None and self.policy.review_required(server_round(instruction), decision.warnings):
-            item = self._hold_for_review(instruction, decision, content, history.cumulative_bits)
-            self._record_review(entries, instruction, item)
-            if item.status == APPROVED:
-                content = content_from_bytes(item.payload)  # exactly the bytes the reviewer saw
-            else:
-                rule = "review-rejected" if item.status == REJECTED else "review-timeout"
-                stage = StageEvidence(rule, False, {"item": item.id, "reviewer": item.reviewer, "reason": item.reason})
-                decision = dataclasses.replace(
-                    decision,
-                    sent=False,
-                    stages=(*decision.stages, stage),
-                    bound=REFUSED_BOUND,
-                    rule=rule,
-                    reason=f"[{rule}] {item.reviewer or 'nobody'} decided {item.status}: {item.reason}",
+    # -- before the ClientApp runs -------------------------------------------------------------
+
+    def admit(self, raw: bytes, arrived: float | None = None) -> Admission:
+        arrived = time.time() if arrived is None else arrived
+        state = self.state()
+        refused_bound = Bound(timing_bits=self.policy.release.bits)  # a refusal still says "no", at some slot
+        try:
+            message = message_from_bytes(raw)
+        except ValueError as err:
+            return Admission(
+                raw, None, arrived, state, refusal=GateRefusal("instruction", str(err)), bound=refused_bound
+            )
+        self._record_policy(message.metadata.run_id, state)
+        state = self.state()
+        try:
+            instruction = decode_instruction(raw, self.policy.allowed_types)
+        except GateRefusal as err:
+            return Admission(raw, message, arrived, state, refusal=err, bound=refused_bound)
+        stages: list[StageEvidence] = []
+        gate_round = 0
+        bound = refused_bound
+        try:
+            if state.halted:
+                raise GateRefusal("halted", f"this hospital's gate is halted: {state.halt_reason}")
+            if instruction.manifest is not None:
+                stages.append(rules.check_model_approved(instruction, self.policy, state))
+                gate_round = state.gate_round(instruction.manifest.hash)
+            bound = self._bound(instruction)
+            stages.append(rules.check_budget(state, self.policy, message.metadata.run_id, bound.total))
+        except GateRefusal as err:
+            return Admission(raw, message, arrived, state, instruction, err, bound, gate_round, tuple(stages))
+        return Admission(raw, message, arrived, state, instruction, None, bound, gate_round, tuple(stages))
+
+    def _bound(self, instruction: Instruction) -> Bound:
+        """The bound a sent reply to this instruction has: fixed by the policy and the model's
+        size before the ClientApp runs, so the budget is checked before it runs."""
+        update = 0.0
+        if instruction.manifest is not None:
+            floats = sum(
+                int(np.prod(t.shape, dtype=np.int64))
+                for t in instruction.manifest.tensors
+                if t.dtype.startswith("float")
+            )
+            update = rules.update_bits_for(self.policy.clip_norm, self.policy.sigma, floats)
+        metrics = rules.canonical_metrics(None, instruction.category, self.policy).bits
+        return Bound(update, metrics, 1.0, self.policy.release.bits)
+
+    # -- after it ran ----------------------------------------------------------------------------
+
+    def conclude(self, admission: Admission, outcome: AppOutcome | None) -> Outcome:
+        decision, content = self._decide(admission, outcome)
+        release = schedule(self.policy.release, admission.arrived, time.time())
+        if decision.sent and release.late:
+            decision = _refused(decision, GateRefusal("release-late", "the reply was not ready by the last slot"))
+            content = None
+        if (
+            content is not None
+            and decision.sent
+            and self.policy.review_required(admission.gate_round, decision.warnings)
+        ):
+            wait_until(release.at)  # the item appears at a slot boundary, not when the app finished
+            decision, content = hold_for_review(self, admission, decision, content)
+            release = replace(release, at=max(release.at, time.time()))
+        return self._record_and_release(admission, outcome, decision, content, release)
+
+    def _decide(self, admission: Admission, outcome: AppOutcome | None) -> tuple[GateDecision, RecordDict | None]:
+        instruction = admission.instruction
+        category = instruction.category if instruction else ""
+        stages = list(admission.stages)
+        manifest = instruction.manifest.hash if instruction and instruction.manifest else ""
+        try:
+            if admission.refusal is not None:
+                raise admission.refusal
+            assert instruction is not None
+            if outcome is None or outcome.reply is None:
+                rule = outcome.rule if outcome is not None and outcome.rule else "client-error"
+                raise GateRefusal(rule, outcome.error if outcome is not None else "the ClientApp did not run")
+            reply = decode_reply(outcome.reply, instruction)
+            warnings: list[str] = []
+            model: OrderedDict[str, np.ndarray] | None = None
+            if instruction.manifest is not None:
+                stages += [rules.check_manifest(instruction, reply), rules.check_values(instruction, reply)]
+                model, update = rules.noise_update(instruction, reply, self.policy, NoiseSource.from_os_entropy())
+                stages.append(StageEvidence("update", True, update.evidence.to_json()))
+                if update.evidence.clipped:
+                    warnings.append("update-clipped")
+            metrics = rules.canonical_metrics(reply, category, self.policy)
+            stages.append(metrics.evidence)
+            warnings += metrics.warnings
+            content = RecordDict()
+            if model is not None:
+                content[instruction.model_key] = ArrayRecord(
+                    OrderedDict((n, Array(np.ascontiguousarray(v))) for n, v in model.items())
                 )
-                rejected, content = content, None
-        if content is not None:
-            outgoing = Message(content, reply_to=instruction)
-            payloads = {"sent": content_bytes(content)}
-            object_id = content.object_id
-        else:
-            outgoing = Message(Error(code=REFUSAL_CODE, reason=GENERIC_REFUSAL), reply_to=instruction)
-            payloads = {}
-            object_id = ""
-            if rejected is not None:
-                payloads["refused"] = content_bytes(rejected)
-            elif reply.has_content():  # kept locally so the hospital can see what was stopped
-                payloads["refused"] = content_bytes(reply.content)
-        cumulative = history.cumulative_bits + (decision.bound.total if decision.sent else 0.0)
+            content["metrics"] = MetricRecord(dict(metrics.values))
+            decision = GateDecision(True, category, tuple(stages), admission.bound, manifest, warnings=tuple(warnings))
+            return decision, content
+        except GateRefusal as err:
+            base = GateDecision(True, category, tuple(stages), admission.bound, manifest)
+            return _refused(base, err), None
+        except Exception as err:  # fail closed: a reply the rules cannot read, or a bug here
+            base = GateDecision(True, category, tuple(stages), admission.bound, manifest)
+            return _refused(base, GateRefusal("gate-error", f"{type(err).__name__}: {err}")), None
+
+    def _record_and_release(
+        self,
+        admission: Admission,
+        outcome: AppOutcome | None,
+        decision: GateDecision,
+        content: RecordDict | None,
+        release: Release,
+    ) -> Outcome:
+        state = admission.state
+        payloads: dict[str, bytes] = {}
+        if content is not None and decision.sent:
+            payloads["sent"] = recorddict_to_bytes(content)
+        elif outcome is not None and outcome.reply is not None:
+            payloads["refused"] = outcome.reply  # kept at the hospital, so it can see what was stopped
+        instruction = admission.instruction
+        manifest = instruction.manifest.hash if instruction and instruction.manifest else ""
+        halt = ""
+        if not decision.sent and self.policy.on_refusal == "halt" and decision.rule != "halted":
+            halt = f"{decision.rule} at {release.at:.0f}: {decision.reason[:200]}"
+        pin = manifest if decision.sent and manifest and not self.policy.approved_manifest else ""
+        counted = decision.bound.total if decision.sent else decision.bound.refused().total
+        new_state = state.after(
+            admission.run_id, counted, decision.sent, manifest, counts_round=bool(manifest), halt=halt, pin=pin
+        )
         fields = {
             "kind": KIND_SENT if decision.sent else KIND_REFUSED,
-            "run_id": run_id,
-            "round": server_round(instruction),
-            "node_id": instruction.metadata.dst_node_id,
+            "run_id": admission.run_id,
             "hospital": self.hospital,
             "destination": self.destination,
-            "message_type": instruction.metadata.message_type,
-            "instruction_id": instruction.metadata.message_id,
-            "content_object_id": object_id,
-            "policy_hash": self.policy.hash,
+            "instruction": _instruction_fields(admission),
+            "gate_round": admission.gate_round,
             "decision": decision.to_json(),
-            "cumulative_bits": decimal_str(cumulative),
-            "executor": executor or {},
+            "bits": decimal_str(counted),
+            "cumulative_bits": decimal_str(new_state.cumulative_bits),
+            "release": release.to_json(),
+            "isolation": outcome.isolation if outcome is not None else {"mode": "none", "enforced": True},
+            "executor": outcome.executor if outcome is not None else {},
+            "policy_hash": self.policy.hash,
         }
-        receipt = self.ledger.append(fields, payloads)  # durable before anything is handed on
+        receipt = self.ledger.append(fields, payloads, state=new_state.to_json())  # durable before anything moves on
+        wait_until(release.at)
+        message: Message | None = None
+        if admission.message is not None:
+            if decision.sent and content is not None:
+                message = make_reply(admission.message, release.at, content, None)
+            else:
+                message = refusal(admission.message, release.at, GENERIC_REFUSAL)
         if not decision.sent:
-            log.warning("%s: refused a %s reply: %s", self.hospital, decision.message_type, decision.reason)
-        return Outcome(outgoing, decision, receipt.seq, cumulative)
+            log.warning("%s: refused a %s reply: %s", self.hospital, decision.message_type or "?", decision.reason)
+        return Outcome(message, decision, receipt.seq, new_state.cumulative_bits, release)
 
-    def _record_policy(self, entries: list[dict[str, Any]], run_id: int) -> None:
-        """The full policy goes into the ledger once per run, so a report can show it."""
-        mine = (KIND_POLICY, run_id, self.policy.hash)
-        if any((e.get("kind"), e.get("run_id"), e.get("policy_hash")) == mine for e in entries):
+    def _record_policy(self, run_id: int, state: GateState) -> None:
+        """The full policy goes into the ledger once per run (and again if it changed)."""
+        if state.recorded_policies.get(str(run_id)) == self.policy.hash:
             return
         fields = {"kind": KIND_POLICY, "run_id": run_id, "hospital": self.hospital, "policy_hash": self.policy.hash}
-        self.ledger.append({**fields, "policy": self.policy.to_json()})
+        new_state = state.with_policy(run_id, self.policy.hash)
+        self.ledger.append({**fields, "policy": self.policy.to_json()}, state=new_state.to_json())
 
-    def _hold_for_review(
-        self, instruction: Message, decision: GateDecision, content: RecordDict, cumulative_before: float
-    ) -> ReviewItem:
-        summary = {
-            "run_id": instruction.metadata.run_id,
-            "round": server_round(instruction),
-            "hospital": self.hospital,
-            "destination": self.destination,
-            "message_type": instruction.metadata.message_type,
-            "tensors": tensor_table(instruction, content),
-            "metrics": {k: decimal_str(float(v)) for r in content.metric_records.values() for k, v in r.items()},  # type: ignore[arg-type]
-            "decision": decision.to_json(),
-            "bits_this_reply": decimal_str(decision.bound.total),
-            "bits_cumulative": decimal_str(cumulative_before + decision.bound.total),
-            "policy_hash": self.policy.hash,
-        }
-        queue = self.review_queue
-        item = queue.submit(
-            instruction.metadata.message_id,
-            self.hospital,
-            summary,
-            content_bytes(content),
-            self.policy.review_timeout_s,
-        )
-        log.warning("%s: reply for round %s held for review (item %d)", self.hospital, summary["round"], item.id)
-        return queue.wait(item.id)  # Flower's task heartbeat, where there is one, runs on its own thread
-
-    def _record_review(self, entries: list[dict[str, Any]], instruction: Message, item: ReviewItem) -> None:
-        """The decision, who made it and when go into the ledger before the reply moves on
-        (once: a node that restarts finds the item already decided)."""
-        instruction_id = instruction.metadata.message_id
-        if any(e.get("kind") == KIND_REVIEW and e.get("instruction_id") == instruction_id for e in entries):
-            return
-        self.ledger.append(
-            {
-                "kind": KIND_REVIEW,
-                "run_id": instruction.metadata.run_id,
-                "round": server_round(instruction),
-                "hospital": self.hospital,
-                "instruction_id": instruction_id,
-                "item": item.id,
-                "status": item.status,
-                "reviewer": item.reviewer,
-                "reason": item.reason,
-                "decided_at": item.decided_at,
-                "reviewed_sha256": hashlib.sha256(item.payload).hexdigest(),
-                "policy_hash": self.policy.hash,
-            }
-        )
+    def record_review(self, fields: dict[str, Any], payloads: dict[str, bytes] | None = None) -> int:
+        return self.ledger.append({**fields, "hospital": self.hospital}, payloads).seq
 
 
-__all__ = ["GENERIC_REFUSAL", "GatePipeline", "Outcome", "content_bytes", "content_from_bytes", "message_category"]
+def _refused(decision: GateDecision, err: GateRefusal) -> GateDecision:
+    stage = StageEvidence(err.rule, False, rules.jsonable(err.detail))
+    return replace(
+        decision,
+        sent=False,
+        stages=(*decision.stages, stage),
+        rule=err.rule,
+        reason=str(err),
+        detail=rules.jsonable(err.detail),
+        warnings=(),
+    )
+
+
+def _instruction_fields(admission: Admission) -> dict[str, Any]:
+    message = admission.message
+    instruction = admission.instruction
+    server_round = instruction.server_round if instruction else ""
+    return {
+        "sha256": hashlib.sha256(admission.raw).hexdigest(),
+        "message_id": message.metadata.message_id if message else "",
+        "message_type": message.metadata.message_type[:200] if message else "",
+        "group_id": message.metadata.group_id[:200] if message else "",
+        "server_round": server_round,
+        "server_round_int": literal_round(server_round),
+        "arrived": decimal_str(admission.arrived, 17),
+    }
+
+
+__all__ = ["GENERIC_REFUSAL", "KIND_REFUSED", "KIND_REVIEW", "KIND_REVIEW_HELD", "KIND_SENT", "Admission", "AppOutcome",
+           "GatePipeline", "Outcome"]  # fmt: skip

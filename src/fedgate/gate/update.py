@@ -1,49 +1,373 @@
-"""Clipping and noising of the update (reply - global model): the gate's enforced guarantee.
+"""The gate's enforced guarantee on the update (reply - global model): clip to L2 norm C,
+put it on a grid, add integer Gaussian noise; in blocks of coordinates, on every core.
 
-Work is done in float64 over all tensors together; the result is cast back to each
-tensor's declared dtype only when the outgoing reply is built."""
+The mechanism, integer-valued so that floating point cannot leak (Mironov 2012; Jin et al.
+2021): u = clip(reply - global) with ||u|| <= C; v = rint(u / g) on the grid g (a power of
+two, `grid_step`); K = rint(N(0, (sigma/g)^2)) per coordinate from `gate.noise`; the
+released update is g·(v + K), exact in float64 (|v + K| < 2^52), then added to the global
+model and cast to the declared dtype: post-processing of public values.
+
+Rounding moves each coordinate by at most g/2, so ||g·v|| <= C·(1 + 2^-30) + g·sqrt(d)/2
+=: the *effective norm* (the 2^-30 covers float error in the norm and the scaling): this is
+the sensitivity (and the channel's power) the bound uses, `capacity_bits(effective_norm, sigma)`.
+Two neighbouring replies differ by at most twice it. `grid_step` keeps g·sqrt(d)/2 <= C·2^-8,
+so the bound is at most (1 + 2^-8)^2 - 1 = 0.79 % above C^2 / (2 sigma^2 ln 2) for any d and any
+noise multiplier, and g <= sigma·2^-8, so the grid is far below the noise. What the DP
+accounting assumes about the sampler is in `gate.noise` (exactly rounded Gaussian noise)."""
 
 from __future__ import annotations
 
+import itertools
 import math
-import secrets
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-Tensors = dict[str, np.ndarray]
+from fedgate.canonical import decimal_str
+from fedgate.errors import GateRefusal
+from fedgate.gate.noise import BLOCK, SAMPLER, NoiseSource
+
+NORM_SLACK = 2.0**-30
+"""Relative slack on the clip norm for float error in the computed norm and the scaling
+(the error is below (BLOCK + blocks + 4)·2^-53 < 2^-35)."""
+_EXACT_LIMIT = 2.0**52  # |v + K| below this: every step of the mechanism is exact in float64
+_OVERFLOW_SCALE = 2.0**-600  # differences of huge float64 tensors are taken at this scale
 
 
-def l2_norm(update: Tensors) -> float:
-    return math.sqrt(sum(float(np.sum(np.square(t, dtype=np.float64))) for t in update.values()))
-
-
-def clip(update: Tensors, clip_norm: float) -> tuple[Tensors, float, float]:
-    """Scale the update to L2 norm <= clip_norm. Returns (clipped, norm before, scale).
-    An update already inside the ball is returned unchanged (scale 1)."""
-    norm = l2_norm(update)
-    scale = 1.0 if norm <= clip_norm else clip_norm / norm
-    if scale == 1.0:
-        return update, norm, scale
-    return {k: v * scale for k, v in update.items()}, norm, scale
-
-
-def fresh_generator() -> np.random.Generator:
-    """A generator seeded from OS entropy (256 bits) for exactly one reply: the noise is
-    unpredictable to the training code and to anyone who sees earlier replies."""
-    return np.random.Generator(np.random.PCG64DXSM(secrets.randbits(256)))
-
-
-def add_noise(update: Tensors, sigma: float, generator: np.random.Generator) -> Tensors:
-    """Gaussian noise N(0, sigma^2) on every coordinate, drawn in float64."""
+def grid_step(sigma: float, clip_norm: float, coordinates: int) -> float:
+    """The largest power of two g <= min(sigma·2^-8, C·2^-7 / sqrt(d)): the grid adds at most
+    C·2^-8 to the sensitivity and lies 256 times below the noise. 0 when there is no noise."""
     if sigma == 0.0:
-        return update
-    return {k: v + generator.normal(0.0, sigma, size=v.shape) for k, v in update.items()}
+        return 0.0
+    limit = sigma * 2.0**-8
+    if coordinates > 0:
+        limit = min(limit, clip_norm * 2.0**-7 / math.sqrt(coordinates))
+    step = 2.0 ** math.floor(math.log2(limit))
+    if step < 2.0**-1000:
+        raise ValueError(f"sigma {sigma} and clip norm {clip_norm} are too small for an exact grid")
+    return step
+
+
+def effective_norm(clip_norm: float, grid: float, coordinates: int) -> float:
+    """The largest L2 norm the released, grid-rounded update can have before noise."""
+    return clip_norm * (1.0 + NORM_SLACK) + grid * math.sqrt(coordinates) / 2.0
 
 
 def capacity_bits(clip_norm: float, sigma: float) -> float:
     """Upper bound on the information a clipped, noised update carries: the Gaussian channel
     with total power C^2 spread over any number of coordinates, each with noise sigma^2,
-    carries at most sum 1/2 log2(1 + P_i/sigma^2) <= C^2 / (2 sigma^2 ln 2) bits."""
+    carries at most sum 1/2 log2(1 + P_i/sigma^2) <= C^2 / (2 sigma^2 ln 2) bits.
+    Pass the effective norm (`NoisedUpdate.evidence.effective_norm`), not the policy's C."""
     if sigma == 0.0:
         return math.inf
     return clip_norm**2 / (2.0 * sigma**2 * math.log(2.0))
+
+
+def l2_norm(tensors: Mapping[str, np.ndarray] | Iterable[np.ndarray]) -> float:
+    """L2 norm over all tensors together, accumulated in float64 block by block (no float64
+    copy of a whole tensor)."""
+    arrays = tensors.values() if isinstance(tensors, Mapping) else tensors
+    partials: list[float] = []
+    for array in arrays:
+        flat = np.ravel(array)
+        for start in range(0, flat.size, BLOCK):
+            chunk = flat[start : start + BLOCK].astype(np.float64)
+            partials.append(float(np.dot(chunk, chunk)))
+    return math.sqrt(math.fsum(partials))
+
+
+@dataclass(frozen=True)
+class UpdateEvidence:
+    """What the clip and noise stage did, for the ledger (floats as decimal strings)."""
+
+    norm: float
+    scale: float
+    clipped: bool
+    clip_norm: float
+    sigma: float
+    grid_step: float
+    effective_norm: float
+    update_bits: float
+    coordinates: int
+    sampler: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "norm": decimal_str(self.norm),
+            "scale": decimal_str(self.scale),
+            "clipped": self.clipped,
+            "clip_norm": decimal_str(self.clip_norm),
+            "sigma": decimal_str(self.sigma),
+            "grid_step": decimal_str(self.grid_step),
+            "grid_step_log2": math.frexp(self.grid_step)[1] - 1 if self.grid_step else None,
+            "effective_norm": decimal_str(self.effective_norm),
+            "update_bits": decimal_str(self.update_bits),
+            "coordinates": self.coordinates,
+            "sampler": self.sampler if self.sigma > 0 else "none",
+        }
+
+
+@dataclass(frozen=True)
+class NoisedUpdate:
+    """The outgoing float tensors (new, C-contiguous, read-only, in the declared dtypes, in
+    the order given) and the evidence of how they were made."""
+
+    arrays: tuple[np.ndarray, ...]
+    evidence: UpdateEvidence
+
+    def to_json(self) -> dict[str, Any]:
+        return self.evidence.to_json()
+
+
+@dataclass(frozen=True)
+class _Segment:
+    tensor: int
+    start: int  # in the tensor
+    stop: int
+    offset: int  # in the block
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Block `block` of the float coordinates, all tensors laid end to end: the unit of work
+    of a thread and of one noise draw (tensor boundaries do not cost a draw each)."""
+
+    block: int
+    size: int
+    segments: tuple[_Segment, ...]
+
+
+def _tasks(sizes: Sequence[int]) -> list[_Task]:
+    tasks: list[_Task] = []
+    segments: list[_Segment] = []
+    filled = 0
+    for tensor, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            take = min(size - start, BLOCK - filled)
+            segments.append(_Segment(tensor, start, start + take, filled))
+            start += take
+            filled += take
+            if filled == BLOCK:
+                tasks.append(_Task(len(tasks), filled, tuple(segments)))
+                segments, filled = [], 0
+    if filled:
+        tasks.append(_Task(len(tasks), filled, tuple(segments)))
+    return tasks
+
+
+def noised_update(
+    global_arrays: Sequence[np.ndarray],
+    reply_arrays: Sequence[np.ndarray],
+    clip_norm: float,
+    sigma: float,
+    source: NoiseSource,
+    *,
+    names: Sequence[str] = (),
+    threads: int | None = None,
+) -> NoisedUpdate:
+    """global + g·(rint(clip(reply - global) / g) + K), cast to each tensor's dtype.
+
+    The inputs are float tensors (float16/32/64) of equal shapes and dtypes, pairwise; they
+    are only read. `source` serves this reply only: claimed here, retired on return. A reply
+    or global tensor holding NaN or Inf is refused (`GateRefusal("non-finite")`, naming
+    `names[i]` if given).
+    The float coordinates, laid end to end, are worked in blocks of `BLOCK` over `threads`
+    threads (default: the cores this process may use); block b draws noise block b of stream
+    0 of `source`. The result does not depend on the number of threads."""
+    if len(global_arrays) != len(reply_arrays):
+        raise ValueError("global and reply must have the same tensors")
+    for index, (base, reply) in enumerate(zip(global_arrays, reply_arrays, strict=True)):
+        if base.shape != reply.shape or base.dtype != reply.dtype or base.dtype.kind != "f":
+            raise ValueError(f"tensor {index}: global {base.dtype}{base.shape} and reply {reply.dtype}{reply.shape}")
+    if not (math.isfinite(clip_norm) and clip_norm > 0.0 and math.isfinite(sigma) and sigma >= 0.0):
+        raise ValueError(f"clip norm must be > 0 and sigma >= 0, got {clip_norm}, {sigma}")
+    source.claim()
+    try:
+        return _noised_update(global_arrays, reply_arrays, clip_norm, sigma, source, names, threads)
+    finally:
+        source.retire()
+
+
+def _noised_update(
+    global_arrays: Sequence[np.ndarray],
+    reply_arrays: Sequence[np.ndarray],
+    clip_norm: float,
+    sigma: float,
+    source: NoiseSource,
+    names: Sequence[str],
+    threads: int | None,
+) -> NoisedUpdate:
+    bases = [np.ravel(a) for a in global_arrays]
+    replies = [np.ravel(a) for a in reply_arrays]
+    coordinates = sum(a.size for a in bases)
+    grid = grid_step(sigma, clip_norm, coordinates)
+    bound_norm = effective_norm(clip_norm, grid, coordinates)
+    noise_scale = sigma / grid if grid else 0.0  # exact: grid is a power of two
+    if grid and bound_norm / grid + 64.0 * noise_scale >= _EXACT_LIMIT:
+        raise ValueError("the grid is too fine for exact float64 arithmetic at this clip norm and sigma")
+    tasks = _tasks([a.size for a in bases])
+    workers = threads or _default_threads()
+
+    prescale = 1.0
+    squares = _run(tasks, workers, lambda task: _block_squares(bases, replies, task, prescale))
+    total = math.fsum(squares)
+    if not math.isfinite(total):
+        _refuse_non_finite(global_arrays, reply_arrays, names)
+        prescale = _OVERFLOW_SCALE  # finite tensors whose difference overflows: redo at a small scale
+        total = math.fsum(_run(tasks, workers, lambda task: _block_squares(bases, replies, task, prescale)))
+    norm = math.sqrt(total) / prescale
+    scale = 1.0 if norm <= clip_norm else clip_norm / norm
+
+    outputs = [np.empty(a.shape, dtype=a.dtype) for a in global_arrays]
+    flat_out = [np.ravel(a) for a in outputs]  # views: the arrays are new and contiguous
+    factor = scale / prescale / grid if grid else scale / prescale
+    _run(
+        tasks,
+        workers,
+        lambda task: _block_release(bases, replies, flat_out, task, prescale, factor, grid, noise_scale, source),
+    )
+    for array in outputs:
+        array.flags.writeable = False
+    evidence = UpdateEvidence(
+        norm=norm,
+        scale=scale,
+        clipped=scale < 1.0,
+        clip_norm=clip_norm,
+        sigma=sigma,
+        grid_step=grid,
+        effective_norm=bound_norm,
+        update_bits=capacity_bits(bound_norm, sigma),
+        coordinates=coordinates,
+        sampler=SAMPLER,
+    )
+    return NoisedUpdate(tuple(outputs), evidence)
+
+
+def _difference(bases: list[np.ndarray], replies: list[np.ndarray], task: _Task, prescale: float) -> np.ndarray:
+    """(reply - global)·prescale of one block in float64, in this thread's buffer."""
+    buffers = _buffers()
+    out = buffers.difference[: task.size]
+    for segment in task.segments:
+        target = out[segment.offset : segment.offset + segment.stop - segment.start]
+        base = bases[segment.tensor][segment.start : segment.stop]
+        reply = replies[segment.tensor][segment.start : segment.stop]
+        if prescale == 1.0:
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum is handled by the caller
+                np.subtract(reply, base, out=target, dtype=np.float64)
+        else:
+            scaled = buffers.scratch[: target.size]
+            np.multiply(reply, prescale, out=target, dtype=np.float64)
+            np.multiply(base, prescale, out=scaled, dtype=np.float64)
+            target -= scaled
+    return out
+
+
+def _block_squares(bases: list[np.ndarray], replies: list[np.ndarray], task: _Task, prescale: float) -> float:
+    difference = _difference(bases, replies, task, prescale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.dot(difference, difference))
+
+
+def _block_release(
+    bases: list[np.ndarray],
+    replies: list[np.ndarray],
+    outputs: list[np.ndarray],
+    task: _Task,
+    prescale: float,
+    factor: float,
+    grid: float,
+    noise_scale: float,
+    source: NoiseSource,
+) -> None:
+    values = _difference(bases, replies, task, prescale)
+    values *= factor  # the clipped update, in units of the grid when there is one
+    if grid:
+        np.rint(values, out=values)  # v
+        noise = _buffers().noise
+        source.integer_gaussian(0, task.block, task.size, noise_scale, noise)
+        values += noise[: task.size]  # v + K, exact integers
+        values *= grid  # g (v + K), exact
+    for segment in task.segments:
+        released = values[segment.offset : segment.offset + segment.stop - segment.start]
+        base = bases[segment.tensor][segment.start : segment.stop]
+        np.add(released, base, out=outputs[segment.tensor][segment.start : segment.stop], casting="same_kind")
+
+
+def _refuse_non_finite(
+    global_arrays: Sequence[np.ndarray], reply_arrays: Sequence[np.ndarray], names: Sequence[str]
+) -> None:
+    for side, arrays in (("reply", reply_arrays), ("global model", global_arrays)):
+        for index, array in enumerate(arrays):
+            if not np.isfinite(array).all():
+                name = names[index] if index < len(names) else f"#{index}"
+                raise GateRefusal("non-finite", f"{side} tensor {name!r} holds NaN or Inf", key=name)
+
+
+class _Buffers:
+    def __init__(self) -> None:
+        self.difference = np.empty(BLOCK)
+        self.scratch = np.empty(BLOCK)
+        self.noise = np.empty(BLOCK)
+
+
+_LOCAL = threading.local()
+
+
+def _buffers() -> _Buffers:
+    buffers: _Buffers | None = getattr(_LOCAL, "buffers", None)
+    if buffers is None:
+        buffers = _LOCAL.buffers = _Buffers()
+    return buffers
+
+
+_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _default_threads() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+def _run(tasks: list[_Task], workers: int, work: Callable[[_Task], Any]) -> list[Any]:
+    """work(task) for every task, `workers` threads pulling the next task as they free up
+    (a busy core does not hold the others back). Results in task order."""
+    results: list[Any] = [None] * len(tasks)
+    if workers <= 1 or len(tasks) <= 1:
+        for index, task in enumerate(tasks):
+            results[index] = work(task)
+        return results
+    counter = itertools.count()
+
+    def loop() -> None:
+        while (index := next(counter)) < len(tasks):
+            results[index] = work(tasks[index])
+
+    with _POOL_LOCK:
+        pool = _POOLS.get(workers) or _POOLS.setdefault(workers, ThreadPoolExecutor(workers - 1, "fedgate-noise"))
+    futures = [pool.submit(loop) for _ in range(workers - 1)]
+    try:
+        loop()  # the calling thread works too
+    finally:
+        for future in futures:
+            future.exception()  # wait for every worker before the caller moves on (or retires the source)
+    for future in futures:
+        future.result()
+    return results
+
+
+__all__ = [
+    "NORM_SLACK",
+    "NoisedUpdate",
+    "UpdateEvidence",
+    "capacity_bits",
+    "effective_norm",
+    "grid_step",
+    "l2_norm",
+    "noised_update",
+]

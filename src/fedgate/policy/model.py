@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fedgate.canonical import canonical_json, decimal_str
 from fedgate.errors import PolicyError
+from fedgate.fab.policy import FabPolicy, parse_fab_policy
 
 MESSAGE_TYPES = ("train", "evaluate", "query")
 
 
 @dataclass(frozen=True)
 class MetricRule:
+    """One allow-listed metric: quantised to `step` within [min, max], in replies of `types`.
+    In those replies it is always present (its `min` when the app did not report it), so
+    which metrics a reply carries says nothing."""
+
     step: float
     min: float
     max: float
+    types: tuple[str, ...] = MESSAGE_TYPES
 
     @property
     def levels(self) -> int:
@@ -51,6 +58,60 @@ class NumExamplesRule:
 
 
 @dataclass(frozen=True)
+class SandboxPolicy:
+    """[sandbox]: where and how the research team's ClientApp runs (see fedgate.sandbox)."""
+
+    allow_downgrade: bool = False
+    memory_mb: int = 16384
+    processes: int = 256
+    cpu_seconds: int = 3600
+    timeout_s: float = 3600.0
+    scratch_mb: int = 4096
+    shm_mb: int = 256
+    cache: bool = True
+    cache_mb: int = 4096
+    file_size_mb: int = 4096
+    max_frame_mb: int = 2048
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allow_downgrade": self.allow_downgrade,
+            "memory_mb": self.memory_mb,
+            "processes": self.processes,
+            "cpu_seconds": self.cpu_seconds,
+            "timeout_s": decimal_str(self.timeout_s),
+            "scratch_mb": self.scratch_mb,
+            "shm_mb": self.shm_mb,
+            "cache": self.cache,
+            "cache_mb": self.cache_mb,
+            "file_size_mb": self.file_size_mb,
+            "max_frame_mb": self.max_frame_mb,
+        }
+
+
+@dataclass(frozen=True)
+class ReleasePolicy:
+    """[release]: when a reply may leave. Its release time is the only thing about timing the
+    server sees, so the gate sets it: the first of `max_slots` slots of `slot_s` seconds after
+    the instruction arrived by which the reply is ready (a reply not ready by the last slot is
+    refused then). The bound counts log2(max_slots) bits per reply for it."""
+
+    slot_s: float = 0.5
+    max_slots: int = 1024
+
+    @property
+    def bits(self) -> float:
+        return math.log2(self.max_slots)
+
+    @property
+    def horizon_s(self) -> float:
+        return self.slot_s * self.max_slots
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slot_s": decimal_str(self.slot_s), "max_slots": self.max_slots}
+
+
+@dataclass(frozen=True)
 class Policy:
     approved_manifest: str
     clip_norm: float
@@ -64,23 +125,29 @@ class Policy:
     max_total_bits: float
     review_mode: str = "never"
     review_timeout_s: float = 3600.0
-    sandbox_allow_downgrade: bool = False
-    sandbox_memory_mb: int = 16384
-    sandbox_cpu_seconds: int = 3600
-    sandbox_timeout_s: float = 3600.0
+    sandbox: SandboxPolicy = SandboxPolicy()
+    release: ReleasePolicy = ReleasePolicy()
+    budget_scope: str = "hospital"
+    fab: FabPolicy = field(default_factory=FabPolicy)
 
-    def review_required(self, server_round: int, warnings: tuple[str, ...]) -> bool:
+    def review_required(self, gate_round: int, warnings: tuple[str, ...]) -> bool:
+        """`gate_round` is the gate's own count of train replies for the model in force,
+        never the round number the server claims."""
         if self.review_mode == "always":
             return True
         if self.review_mode == "on-warning":
             return bool(warnings)
         if self.review_mode.startswith("first-rounds:"):
-            return server_round <= int(self.review_mode.split(":", 1)[1])
+            return gate_round <= int(self.review_mode.split(":", 1)[1])
         return False
 
     @property
     def metric_rules(self) -> dict[str, MetricRule]:
         return dict(self.metrics)
+
+    def metrics_for(self, category: str) -> list[tuple[str, MetricRule]]:
+        """The metrics a reply of this type always carries, in canonical (sorted) order."""
+        return sorted((name, rule) for name, rule in self.metrics if category in rule.types)
 
     @property
     def sigma(self) -> float:
@@ -99,7 +166,12 @@ class Policy:
                 "hospitals": self.hospitals,
             },
             "metrics": {
-                name: {"step": decimal_str(r.step), "min": decimal_str(r.min), "max": decimal_str(r.max)}
+                name: {
+                    "step": decimal_str(r.step),
+                    "min": decimal_str(r.min),
+                    "max": decimal_str(r.max),
+                    "types": list(r.types),
+                }
                 for name, r in self.metrics
             },
             "num_examples": {
@@ -110,13 +182,10 @@ class Policy:
             "messages": {"allowed_types": list(self.allowed_types)},
             "refusal": {"on_refusal": self.on_refusal},
             "review": {"mode": self.review_mode, "timeout_s": decimal_str(self.review_timeout_s)},
-            "sandbox": {
-                "allow_downgrade": self.sandbox_allow_downgrade,
-                "memory_mb": self.sandbox_memory_mb,
-                "cpu_seconds": self.sandbox_cpu_seconds,
-                "timeout_s": decimal_str(self.sandbox_timeout_s),
-            },
-            "budget": {"max_total_bits": decimal_str(self.max_total_bits)},
+            "sandbox": self.sandbox.to_json(),
+            "release": self.release.to_json(),
+            "budget": {"max_total_bits": decimal_str(self.max_total_bits), "scope": self.budget_scope},
+            "fab": self.fab.to_json(),
         }
 
     @property
@@ -150,7 +219,11 @@ class _Section:
     def finish(self) -> None:
         unknown = sorted(set(self.raw) - self.used)
         if unknown:
-            raise PolicyError(f"unknown key(s) in [{self.name}]: {', '.join(unknown)}")
+            hints = [
+                f"{key} (did you mean {match[0]}?)" if (match := difflib.get_close_matches(key, self.used, 1)) else key
+                for key in unknown
+            ]
+            raise PolicyError(f"unknown key(s) in [{self.name}]: {', '.join(hints)}")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -163,7 +236,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise PolicyError(f"{source} is not valid TOML: {err}") from err
-    known = {"manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "sandbox", "budget"}
+    known = {
+        "manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "sandbox", "release",
+        "budget", "fab",
+    }  # fmt: skip
     unknown = sorted(set(data) - known)
     _require(not unknown, "policy", f"unknown table(s) {unknown}; expected {sorted(known)}")
 
@@ -206,10 +282,16 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         step = section.get("step", float, None)
         lo = section.get("min", float, None)
         hi = section.get("max", float, None)
+        types = section.get("types", list, list(MESSAGE_TYPES))
         section.finish()
         _require(step > 0 and math.isfinite(step), f"metrics.{name}.step", "must be > 0")
         _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi, f"metrics.{name}", "needs finite min < max")
-        metrics.append((name, MetricRule(step, lo, hi)))
+        _require(
+            bool(types) and all(t in MESSAGE_TYPES for t in types),
+            f"metrics.{name}.types",
+            f"must be a non-empty subset of {list(MESSAGE_TYPES)}, got {types}",
+        )
+        metrics.append((name, MetricRule(step, lo, hi, tuple(sorted(set(types))))))
 
     num = _Section(data, "num_examples")
     num_rule = NumExamplesRule(num.get("mode", str, "bucket"), num.get("step", int, 100), num.get("max", int, 100000))
@@ -252,20 +334,31 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     )
     _require(0 < review_timeout_s < math.inf, "review.timeout_s", f"must be > 0 seconds, got {review_timeout_s}")
 
-    sandbox = _Section(data, "sandbox")
-    allow_downgrade = sandbox.get("allow_downgrade", bool, False)
-    memory_mb = sandbox.get("memory_mb", int, 16384)
-    cpu_seconds = sandbox.get("cpu_seconds", int, 3600)
-    sandbox_timeout_s = sandbox.get("timeout_s", float, 3600.0)
-    sandbox.finish()
-    _require(memory_mb >= 256, "sandbox.memory_mb", f"must be >= 256, got {memory_mb}")
-    _require(cpu_seconds >= 1, "sandbox.cpu_seconds", f"must be >= 1, got {cpu_seconds}")
-    _require(0 < sandbox_timeout_s < math.inf, "sandbox.timeout_s", f"must be > 0 seconds, got {sandbox_timeout_s}")
+    sandbox_policy = _parse_sandbox(_Section(data, "sandbox"))
+    release = _Section(data, "release")
+    release_policy = ReleasePolicy(release.get("slot_s", float, 0.5), release.get("max_slots", int, 1024))
+    release.finish()
+    _require(
+        0 < release_policy.slot_s <= 3600, "release.slot_s", f"must be in (0, 3600] s, got {release_policy.slot_s}"
+    )
+    _require(
+        1 <= release_policy.max_slots <= 1 << 20,
+        "release.max_slots",
+        f"must be in [1, 1048576], got {release_policy.max_slots}",
+    )
 
     budget = _Section(data, "budget")
     max_total_bits = budget.get("max_total_bits", float, 0.0)
+    budget_scope = budget.get("scope", str, "hospital")
     budget.finish()
-    _require(max_total_bits >= 0, "budget.max_total_bits", "must be >= 0 (0: no limit)")
+    _require(
+        max_total_bits >= 0 and math.isfinite(max_total_bits), "budget.max_total_bits", "must be >= 0 (0: no limit)"
+    )
+    _require(
+        budget_scope in ("hospital", "run"),
+        "budget.scope",
+        f"must be 'hospital' (across every run) or 'run', got {budget_scope!r}",
+    )
 
     return Policy(
         approved_manifest=approved,
@@ -280,11 +373,34 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         max_total_bits=max_total_bits,
         review_mode=review_mode,
         review_timeout_s=review_timeout_s,
-        sandbox_allow_downgrade=allow_downgrade,
-        sandbox_memory_mb=memory_mb,
-        sandbox_cpu_seconds=cpu_seconds,
-        sandbox_timeout_s=sandbox_timeout_s,
+        sandbox=sandbox_policy,
+        release=release_policy,
+        budget_scope=budget_scope,
+        fab=_parse_fab(data.get("fab", {})),
     )
+
+
+def _parse_fab(table: Any) -> FabPolicy:
+    _require(isinstance(table, dict), "fab", "must be a table")
+    return parse_fab_policy(table)
+
+
+def _parse_sandbox(section: _Section) -> SandboxPolicy:
+    default = SandboxPolicy()
+    values: dict[str, Any] = {}
+    for name, kind in (
+        ("allow_downgrade", bool), ("memory_mb", int), ("processes", int), ("cpu_seconds", int),
+        ("timeout_s", float), ("scratch_mb", int), ("shm_mb", int), ("cache", bool), ("cache_mb", int),
+        ("file_size_mb", int), ("max_frame_mb", int),
+    ):  # fmt: skip
+        values[name] = section.get(name, kind, getattr(default, name))
+    section.finish()
+    minimum = {"memory_mb": 256, "processes": 8, "cpu_seconds": 1, "scratch_mb": 16, "shm_mb": 1, "cache_mb": 1,
+               "file_size_mb": 1, "max_frame_mb": 1}  # fmt: skip
+    for name, low in minimum.items():
+        _require(values[name] >= low, f"sandbox.{name}", f"must be >= {low}, got {values[name]}")
+    _require(0 < values["timeout_s"] < math.inf, "sandbox.timeout_s", f"must be > 0 seconds, got {values['timeout_s']}")
+    return SandboxPolicy(**values)
 
 
 def load_policy(path: Path | None) -> Policy:

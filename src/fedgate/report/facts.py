@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fedgate.errors import LedgerError, LedgerVerificationError
-from fedgate.gate.pipeline import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_SENT, content_from_bytes
+from fedgate.flower_adapter import recorddict_from_bytes
+from fedgate.gate.entries import KIND_REVIEW, Entry, PolicyEntry, ReplyEntry, ReviewEntry, read_entries
 from fedgate.ledger.store import Ledger
 from fedgate.ledger.verify import verify_ledger
 
@@ -89,55 +90,53 @@ def read_facts(ledger_folder: Path) -> ReportFacts:
         where = f" (first broken entry: {err.seq})" if err.seq is not None else ""
         facts = ReportFacts(str(ledger_folder), False, f"{err}{where}")
     with Ledger(ledger_folder, create=False) as ledger:
-        entries = ledger.entries()
+        entries = read_entries(ledger)
         facts.tensor_names = _tensor_names(ledger, entries)
     metrics: set[str] = set()
     manifests: set[str] = set()
     for entry in entries:
-        kind = entry.get("kind")
-        facts.hospital = facts.hospital or str(entry.get("hospital", ""))
-        facts.stored_bytes += sum(int(p.get("size", 0)) for p in entry.get("payloads", {}).values())
-        if kind == KIND_POLICY:
-            facts.policies.append(entry)
-        elif kind == KIND_REVIEW:
-            facts.reviews.append(entry)
-        elif kind in (KIND_SENT, KIND_REFUSED):
-            decision = entry.get("decision", {})
-            sent = kind == KIND_SENT
-            payload = entry.get("payloads", {}).get("sent", {})
+        if isinstance(entry, PolicyEntry):
+            facts.hospital = facts.hospital or entry.hospital
+            facts.policies.append({"policy": entry.policy, "policy_hash": entry.policy_hash, "run_id": entry.run_id})
+        elif isinstance(entry, ReviewEntry) and entry.kind == KIND_REVIEW:
+            facts.reviews.append({"seq": entry.seq, "round": "", "status": entry.status, "reviewer": entry.reviewer,
+                                  "reason": entry.reason, "decided_at": entry.time})  # fmt: skip
+        elif isinstance(entry, ReplyEntry):
+            facts.hospital = facts.hospital or entry.hospital
+            facts.stored_bytes += entry.payload_size
             facts.replies.append(
                 ReplyRow(
-                    seq=int(entry["seq"]),
-                    time=str(entry["time"]),
-                    run_id=int(entry.get("run_id", 0)),
-                    round=int(entry.get("round", 0)),
-                    message_type=str(entry.get("message_type", "")),
-                    sent=sent,
-                    bytes=int(payload.get("size", 0)),
-                    bits=float(decision.get("bound", {}).get("total_bits", 0)),
-                    cumulative_bits=float(entry.get("cumulative_bits", 0)),
-                    rule=str(decision.get("rule", "")),
-                    destination=str(entry.get("destination", "")),
-                    warnings=list(decision.get("warnings", [])),
+                    seq=entry.seq,
+                    time=entry.time,
+                    run_id=entry.run_id,
+                    round=entry.gate_round,
+                    message_type=entry.category,
+                    sent=entry.sent,
+                    bytes=entry.payload_size if entry.sent else 0,
+                    bits=entry.bits,
+                    cumulative_bits=entry.cumulative_bits,
+                    rule=entry.rule,
+                    destination=entry.destination,
+                    warnings=list(entry.warnings),
                 )
             )
-            if sent:
-                for stage in decision.get("stages", []):
+            if entry.sent:
+                for stage in entry.decision.get("stages", []):
                     if stage.get("stage") == "metrics":
-                        metrics.update(stage.get("detail", {}))
-                if decision.get("manifest_hash"):
-                    manifests.add(decision["manifest_hash"])
+                        metrics.update(stage.get("detail", {}).get("metrics", {}))
+                if entry.manifest_hash:
+                    manifests.add(entry.manifest_hash)
     facts.metric_names = sorted(metrics)
     facts.manifest_hashes = sorted(manifests)
     return facts
 
 
-def _tensor_names(ledger: Ledger, entries: list[dict[str, Any]]) -> list[str]:
+def _tensor_names(ledger: Ledger, entries: list[Entry]) -> list[str]:
     """The tensor names of the model that left, read from the last payload sent."""
     for entry in reversed(entries):
-        if entry.get("kind") == KIND_SENT and entry.get("message_type", "").startswith("train"):
+        if isinstance(entry, ReplyEntry) and entry.sent and entry.category == "train":
             try:
-                content = content_from_bytes(ledger.blobs.get(entry["payloads"]["sent"]["sha256"]))
+                content = recorddict_from_bytes(ledger.blobs.get(entry.payload_sha256))
             except (LedgerError, ValueError, KeyError):
                 return []  # a missing or altered blob: the verification line already says so
             return [name for record in content.array_records.values() for name in record]

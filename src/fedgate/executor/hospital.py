@@ -1,0 +1,261 @@
+"""One hospital, as both executors run it: its folder, its gate, and the sandbox its
+research team's ClientApp runs in.
+
+    HOSPITAL_DIR/ledger/        the hospital's ledger (and its signing key)
+    HOSPITAL_DIR/review.sqlite  replies held for a person's decision
+    HOSPITAL_DIR/cache/<app>-<run>/   the ClientApp's cache, one per (app, run), if allowed
+    HOSPITAL_DIR/logs/          the sandbox's output, per run (simulation) or per task (node)
+
+The ClientApp's Flower context state (what it keeps between rounds) stays here too: it is
+handed to the sandbox with each task and taken back afterwards, never given to the executor
+around us (in simulation that is the process the research team's ServerApp runs in)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flwr.app import Context, RecordDict
+
+from fedgate.canonical import decimal_str
+from fedgate.errors import FedgateError
+from fedgate.fab import FabRefused
+from fedgate.flower_adapter import (
+    context_from_bytes,
+    context_to_bytes,
+    message_to_bytes,
+    recorddict_from_bytes,
+    recorddict_to_bytes,
+)
+from fedgate.gate.pipeline import AppOutcome, GatePipeline, Outcome
+from fedgate.policy import Policy
+from fedgate.sandbox.runner import AppRef, SandboxRefused, SandboxWorker
+from fedgate.sandbox.spec import Limits, SandboxError, SandboxSpec
+
+log = logging.getLogger("fedgate.hospital")
+T = TypeVar("T")
+AppSource = Callable[[], tuple[AppRef, dict[str, Any]]]
+PRELOAD = ("numpy", "torch")  # trusted libraries worth importing once per sandbox, before any fork
+IMPORT = re.compile(rb"^\s*(?:import|from)\s+(numpy|torch)\b", re.MULTILINE)
+
+
+def preload_for(sources: Path, limit: int = 500) -> tuple[str, ...]:
+    """Which of numpy/torch the app's own sources (a package folder or one module file)
+    import, read as text and never executed, so each sandbox imports them once and each
+    task's child starts warm; nothing else."""
+    found: set[bytes] = set()
+    files = 0
+    for root in (sources,):
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            files += 1
+            if files > limit:
+                return PRELOAD
+            try:
+                found.update(IMPORT.findall(path.read_bytes()))
+            except OSError:
+                continue
+    return tuple(name for name in PRELOAD if name.encode() in found)
+STATE_MAX = 64 << 20  # a ClientApp's state between rounds: generous, but bounded
+
+
+def sandbox_spec(
+    policy: Policy, data_dir: Path | None, cache_dir: Path | None, landlock: bool = True, timeout_s: float | None = None
+) -> SandboxSpec:
+    """The policy's [sandbox] settings as a sandbox. A task must be answered within the
+    release horizon too (a reply later than the last slot could not leave anyway)."""
+    box = policy.sandbox
+    timeout = min(box.timeout_s, policy.release.horizon_s) if timeout_s is None else timeout_s
+    limits = Limits(
+        memory_mb=box.memory_mb,
+        processes=box.processes,
+        cpu_seconds=box.cpu_seconds,
+        scratch_mb=box.scratch_mb,
+        shm_mb=box.shm_mb,
+        cache_mb=box.cache_mb,
+        file_size_mb=box.file_size_mb,
+        timeout_s=timeout,
+    )
+    return SandboxSpec(
+        read_only=(), data_dir=data_dir, cache_dir=cache_dir if box.cache else None, limits=limits, landlock=landlock,
+        max_frame=box.max_frame_mb << 20,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HospitalConfig:
+    name: str
+    folder: Path
+    policy: Policy
+    destination: str
+    data_dir: Path | None = None
+    app: AppRef | None = None
+    isolation: str = "sandbox"  # "sandbox" | "none" (simulation's --no-isolation: nothing enforced)
+    landlock: bool = True
+    preload: tuple[str, ...] = ()  # trusted libraries the sandbox imports before forking tasks
+    keep_worker: bool = True  # simulation: one sandbox per run; the node: a fresh one per task
+    keep_state: bool = True  # simulation: the ClientApp's state stays here; the node: the SuperNode keeps it
+    executor: dict[str, Any] = field(default_factory=dict)
+
+
+class Hospital:
+    """All calls run on this hospital's own thread: the sandbox it starts dies with the thread
+    that started it (bubblewrap's --die-with-parent), so that thread must outlive it."""
+
+    def __init__(self, config: HospitalConfig) -> None:
+        self.config = config
+        self.gate = GatePipeline(config.policy, config.folder, config.name, config.destination)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fedgate-{config.name}")
+        self._worker: SandboxWorker | None = None
+        self._worker_key: tuple[AppRef, int] | None = None
+        self._state = RecordDict()  # the ClientApp's context state between its tasks
+        self._stopping = threading.Event()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        return self._thread.submit(fn).result()
+
+    # -- the two entry points --------------------------------------------------------------------
+
+    def run_task(
+        self,
+        instruction: bytes,
+        context: bytes,
+        arrived: float | None = None,
+        app_source: AppSource | None = None,
+    ) -> tuple[bytes, bytes | None]:
+        """Sandboxed: gate admission, then (only if admitted) the app from `app_source` (the
+        node's FAB intake; default: the configured app) in the sandbox, then the gate's
+        conclusion. Returns the outgoing message and the ClientApp's new context state."""
+        arrived = time.time() if arrived is None else arrived
+        return self.call(lambda: self._run_task(instruction, context, arrived, app_source))
+
+    def check_app(self, run_id: int) -> str:
+        """Before a simulation starts: does the ClientApp load in this hospital's sandbox?"""
+
+        def check() -> str:
+            assert self.config.app is not None
+            return self._ensure_worker(self.config.app, run_id, "").check_app()
+
+        return self.call(check)
+
+    def gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> bytes:
+        """--no-isolation: the ClientApp ran in the executor's own process; only gate its reply."""
+        return self.call(lambda: self._gate_reply(instruction, reply, error, arrived))
+
+    def _run_task(
+        self, instruction: bytes, context: bytes, arrived: float, app_source: AppSource | None
+    ) -> tuple[bytes, bytes | None]:
+        if self._stopping.is_set():
+            raise SandboxError(f"{self.config.name} is stopping; the task was not started")
+        admission = self.gate.admit(instruction, arrived)
+        outcome, state = None, None
+        if admission.refusal is None:
+            outcome, state = self._sandboxed(instruction, context, admission.run_id, app_source)
+        return self._send(self.gate.conclude(admission, outcome), instruction), state
+
+    def _gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> bytes:
+        admission = self.gate.admit(instruction, arrived)
+        isolation = {"mode": "no-isolation", "enforced": False, "layers": []}
+        outcome = AppOutcome(reply, error, "" if reply is not None else "client-error", isolation,
+                             dict(self.config.executor))  # fmt: skip
+        return self._send(self.gate.conclude(admission, outcome), instruction)
+
+    def _send(self, outcome: Outcome, instruction: bytes) -> bytes:
+        if outcome.message is None:  # the instruction's own bytes were unreadable
+            raise SandboxError("the instruction could not be read as a Flower message; nothing was sent")
+        return message_to_bytes(outcome.message)
+
+    # -- the sandbox -------------------------------------------------------------------------------
+
+    def _cache_dir(self, app: AppRef, run_id: int, fab: str) -> Path:
+        digest = fab or hashlib.sha256(f"{app.reference}|{sorted(map(str, app.paths))}".encode()).hexdigest()
+        return self.config.folder / "cache" / f"{digest[:16]}-{run_id}"
+
+    def _ensure_worker(self, app: AppRef, run_id: int, fab: str) -> SandboxWorker:
+        key = (app, run_id)
+        if self._worker is not None and (not self._worker.alive or self._worker_key != key):
+            self._worker.stop()
+            self._worker = None
+        if self._worker is None:
+            spec = sandbox_spec(self.config.policy, self.config.data_dir, self._cache_dir(app, run_id, fab),
+                                self.config.landlock)  # fmt: skip
+            name = f"sandbox-run-{run_id}.log" if self.config.keep_worker else f"task-{time.time_ns()}.log"
+            worker = SandboxWorker(spec, app, self.config.folder / "logs" / str(run_id) / name, self.config.preload,
+                                   self.config.policy.sandbox.allow_downgrade)  # fmt: skip
+            worker.start()
+            self._worker, self._worker_key = worker, key
+        return self._worker
+
+    def _sandboxed(
+        self, instruction: bytes, context: bytes, run_id: int, app_source: AppSource | None
+    ) -> tuple[AppOutcome, bytes | None]:
+        executor = dict(self.config.executor)
+        none = {"mode": "sandbox", "enforced": False, "layers": []}
+        try:
+            app, extra = app_source() if app_source is not None else (self.config.app, {})
+        except FabRefused as err:
+            executor["fab"] = err.report.to_json() if err.report is not None else {"rule": err.rule}
+            return AppOutcome(None, str(err)[:2000], f"fab-{err.rule}", none, executor), None
+        except FedgateError as err:
+            return AppOutcome(None, str(err)[:2000], "fab-install", none, executor), None
+        executor.update(extra)
+        assert app is not None
+        try:
+            worker = self._ensure_worker(app, run_id, str(extra.get("fab_sha256", "")))
+        except (SandboxRefused, SandboxError) as err:
+            return AppOutcome(None, str(err)[:2000], "sandbox-refused", {**none, "refused": str(err)[:2000]},
+                              executor), None  # fmt: skip
+        isolation = {"mode": "sandbox", **(worker.isolation.to_json() if worker.isolation else {})}
+        result = worker.run(instruction, self._task_context(context))
+        usage = {k: decimal_str(float(v)) for k, v in result.usage.items()}
+        executor["sandbox"] = {"rule": result.rule, "seconds": decimal_str(result.seconds, 4), "usage": usage}
+        if not self.config.keep_worker:
+            worker.stop()
+            self._worker = None
+        if result.reply is None:
+            return AppOutcome(None, result.error, result.rule or "client-error", isolation, executor), None
+        state = self._take_state(result.context)
+        return AppOutcome(result.reply, "", "", isolation, executor), state
+
+    def _task_context(self, context: bytes) -> bytes:
+        """The executor's context (ids, node and run config); the state is this hospital's own
+        in simulation, the one the SuperNode keeps in deployment."""
+        given = context_from_bytes(context)
+        state = self._state if self.config.keep_state else given.state
+        ctx = Context(run_id=given.run_id, node_id=given.node_id, node_config=dict(given.node_config),
+                      state=state, run_config=dict(given.run_config))  # fmt: skip
+        return context_to_bytes(ctx)
+
+    def _take_state(self, context: bytes | None) -> bytes | None:
+        """Only the ClientApp's `state` comes back from the sandbox, and only if it is small."""
+        if context is None or len(context) > STATE_MAX:
+            return None
+        try:
+            state = recorddict_from_bytes(recorddict_to_bytes(context_from_bytes(context).state))
+        except ValueError:
+            log.warning("%s: the ClientApp's context could not be read; its state was dropped", self.config.name)
+            return None
+        if self.config.keep_state:
+            self._state = state
+        return recorddict_to_bytes(state)
+
+    def close(self) -> None:
+        self._stopping.set()
+
+        def stop() -> None:
+            if self._worker is not None:
+                self._worker.stop()
+                self._worker = None
+            self.gate.close()
+
+        try:
+            self.call(stop)
+        finally:
+            self._thread.shutdown(wait=True)

@@ -1,0 +1,285 @@
+"""Every use of Flower's internals, in one place.
+
+fedgate pins Flower 1.42.x. Its public API (`flwr.app`, `flwr.clientapp`, `flwr.serverapp`)
+is used anywhere; anything else — protobuf serde, message construction with explicit
+metadata, the simulation runtime, the SuperNode's runtime API — is imported here and only
+here, so that an upgrade that moves them breaks one module and its contract test
+(tests/test_flower_adapter.py), not six modules silently."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.app.metadata import Metadata
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+REFUSAL_CODE = int(ErrorCode.MOD_FAILED_PRECONDITION)
+CLIENT_APP_RAISED = int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+
+
+def message_to_bytes(message: Message) -> bytes:
+    return bytes(message_to_proto(message).SerializeToString())
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """Strict: bytes that do not parse as a Flower Message raise ValueError."""
+    proto = ProtoMessage()
+    try:
+        proto.ParseFromString(data)
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ValueError(f"not a Flower Message: {err}") from err
+    message: Message = message_from_proto(proto)
+    return message
+
+
+def context_to_bytes(context: Context) -> bytes:
+    return bytes(context_to_proto(context).SerializeToString())
+
+
+def context_from_bytes(data: bytes) -> Context:
+    proto = ProtoContext()
+    try:
+        proto.ParseFromString(data)
+    except Exception as err:
+        raise ValueError(f"not a Flower Context: {err}") from err
+    return context_from_proto(proto)
+
+
+def recorddict_to_bytes(content: RecordDict) -> bytes:
+    """The exact protobuf bytes of a record dict (what the ledger stores and hashes)."""
+    return bytes(recorddict_to_proto(content).SerializeToString())
+
+
+def recorddict_from_bytes(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(data)
+    except Exception as err:
+        raise ValueError(f"not a Flower RecordDict: {err}") from err
+    return recorddict_from_proto(proto)
+
+
+def reply_metadata(instruction: Message, created_at: float) -> Metadata:
+    """The metadata of a reply, every field taken from the instruction as pulled or set by
+    the gate (`created_at` is the release slot): nothing the ClientApp wrote."""
+    meta = instruction.metadata
+    expires = meta.created_at + meta.ttl
+    return Metadata(
+        run_id=meta.run_id,
+        message_id="",
+        src_node_id=meta.dst_node_id,
+        dst_node_id=meta.src_node_id,
+        reply_to_message_id=meta.message_id,
+        group_id=meta.group_id,
+        created_at=created_at,
+        ttl=max(expires - created_at, 0.0),
+        message_type=meta.message_type,
+        src_task_id=meta.dst_task_id,
+        dst_task_id=meta.src_task_id,
+    )
+
+
+def make_reply(instruction: Message, created_at: float, content: RecordDict | None, error: Error | None) -> Message:
+    """A reply built by the gate: gate-owned metadata and either checked content or an error."""
+    message: Message = Message(metadata=reply_metadata(instruction, created_at), content=content, error=error)  # type: ignore[call-overload]
+    return message
+
+
+def refusal(instruction: Message, created_at: float, reason: str) -> Message:
+    return make_reply(instruction, created_at, None, Error(code=REFUSAL_CODE, reason=reason))
+
+
+def make_instruction(
+    content: RecordDict, message_type: str, dst_node_id: int, run_id: int = 1, group_id: str = "", ttl: float = 3600.0
+) -> Message:
+    """An instruction as the SuperLink delivers it (message id set), built without Flower's
+    process-wide task identity: for fedgate's own checks and tests."""
+    import time
+
+    metadata = Metadata(
+        run_id=run_id,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="",
+        group_id=group_id,
+        created_at=time.time(),
+        ttl=ttl,
+        message_type=message_type,
+    )
+    message: Message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
+    set_message_id(message, message.object_id)
+    return message
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """As the SuperLink does on push (tests and the simulation build instructions by hand)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def metadata_fields(message: Message) -> dict[str, Any]:
+    meta = message.metadata
+    return {
+        "run_id": meta.run_id,
+        "message_id": meta.message_id,
+        "src_node_id": meta.src_node_id,
+        "dst_node_id": meta.dst_node_id,
+        "reply_to_message_id": meta.reply_to_message_id,
+        "group_id": meta.group_id,
+        "created_at": meta.created_at,
+        "ttl": meta.ttl,
+        "message_type": meta.message_type,
+        "src_task_id": meta.src_task_id,
+        "dst_task_id": meta.dst_task_id,
+    }
+
+
+def new_run_id() -> int:
+    """A run id as Flower's SuperLink makes one."""
+    from flwr.common.constant import RUN_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+
+    return int(generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+
+
+def run_simulation(
+    client_app: Any,
+    server_app: Any,
+    hospitals: int,
+    run_id: int,
+    run_config: dict[str, bool | int | float | str],
+    ray_dir: str,
+    verbose: bool,
+) -> None:
+    """Flower's simulation engine (Ray backend) with our own run id and run config; one CPU
+    per actor (PLATFORM-NOTES: Ray's default of two runs one client at a time)."""
+    import logging
+
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    run = Run.create_empty(run_id=run_id)
+    run.override_config = run_config
+    run.primary_task_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    # Flower's Message constructor reads the sender's identity from this process-wide slot.
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": max(1, min(os.cpu_count() or 1, hospitals)),
+            "_temp_dir": ray_dir,
+            "logging_level": logging.DEBUG if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+        },
+    }
+    try:
+        _run_simulation(
+            num_supernodes=hospitals,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend_config,
+            run=run,
+            server_app_context=context,
+            verbose_logging=verbose,
+        )
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+# -- the SuperNode's runtime API (deployment) -------------------------------------------------
+
+ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+
+
+def runtime_client(
+    address: str, insecure: bool, root_certificates: bytes | None, secret: bytes | None = None, token: str = ""
+) -> Any:
+    """A client of the SuperNode's runtime API, as flwr-clientapp makes one."""
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+    if secret:
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({ACQUIRE_METHOD}))
+        )
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=insecure,
+        root_certificates=root_certificates,
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def acquire_task(client: Any) -> str:
+    """The token of a ClientApp task the SuperNode offers, or "" when there is none."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+
+    response = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    return str(response.token) if response.HasField("task") and response.token else ""
+
+
+def start_heartbeat(client: Any) -> Any:
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+
+    sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    sender.start()
+    return sender
+
+
+def pull_task(client: Any) -> tuple[Message, Context, bytes, str]:
+    """(instruction, context, the FAB's bytes, the FAB hash the SuperNode claims)."""
+    from flwr.supernode.runtime.run_clientapp import pull_task_input
+
+    message, context, _run, fab = pull_task_input(client)
+    return message, context, bytes(fab.content), str(fab.hash_str)
+
+
+def push_reply(client: Any, message: Message, context: Context) -> None:
+    from flwr.supernode.runtime.run_clientapp import push_message
+
+    push_message(client, message, context)
+
+
+def finish_task(client: Any, context: Context | None, completed: bool) -> None:
+    """Only a fixed word goes with it: no detail of what failed leaves the hospital."""
+    from flwr.common.constant import SubStatus
+    from flwr.supernode.runtime.run_clientapp import push_task_output
+
+    status = SubStatus.COMPLETED if completed else SubStatus.FAILED
+    push_task_output(client=client, context=context, sub_status=status, details="" if completed else "fedgate node")

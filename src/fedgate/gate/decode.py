@@ -1,0 +1,184 @@
+"""Bytes in, plain values out: the instruction as the hospital pulled it and the reply as the
+sandbox handed it back, each decoded from its serialised bytes, strictly, into plain NumPy
+arrays and Python scalars. No object the ClientApp made ever reaches a rule: not its
+Message, not its ndarray subclass, not its dict with a custom `__eq__`."""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from fedgate.errors import GateRefusal
+from fedgate.flower_adapter import message_from_bytes
+from fedgate.gate.manifest import Manifest, TensorSpec
+
+NUMPY_STYPE = "numpy.ndarray"
+ALLOWED_KINDS = "fiub"  # float, signed and unsigned integer, bool: nothing that holds objects or text
+CATEGORIES = ("train", "evaluate", "query")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """The server's instruction as pulled: its exact bytes, the decoded message (for the
+    reply's metadata) and the model it carries."""
+
+    raw: bytes
+    message: Message
+    category: str
+    model_key: str
+    model: OrderedDict[str, np.ndarray]
+    manifest: Manifest | None
+    server_round: str  # as the server sent it: recorded, never trusted
+
+    @property
+    def message_id(self) -> str:
+        return self.message.metadata.message_id
+
+
+@dataclass(frozen=True)
+class Reply:
+    message: Message
+    arrays: OrderedDict[str, np.ndarray]
+    metrics: dict[str, float | int]
+    metric_order: tuple[str, ...]
+
+
+def decode_array(name: str, array: Array) -> np.ndarray:
+    """One Flower Array to a read-only ndarray over its bytes (no copy), after checking that
+    the bytes are a plain .npy of exactly the dtype and shape the Array declares."""
+    if array.stype != NUMPY_STYPE:
+        raise GateRefusal("array-encoding", f"tensor {name!r} is serialised as {array.stype!r}", key=name)
+    data = array.data
+    if not isinstance(data, bytes):
+        raise GateRefusal("array-encoding", f"tensor {name!r} holds no bytes", key=name)
+    header = io.BytesIO(data[:4096])
+    try:
+        version = np.lib.format.read_magic(header)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(header, max_header_size=4096)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(header, max_header_size=4096)
+        else:
+            raise ValueError(f"unknown .npy version {version}")
+    except (ValueError, OSError, SyntaxError) as err:
+        raise GateRefusal("array-encoding", f"tensor {name!r} is not a plain .npy: {err}", key=name) from err
+    if dtype.kind not in ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise GateRefusal("array-encoding", f"tensor {name!r} has dtype {dtype}", key=name)
+    if not dtype.isnative:
+        raise GateRefusal("array-encoding", f"tensor {name!r} is not in native byte order ({dtype.str})", key=name)
+    declared_shape = tuple(int(d) for d in array.shape)
+    if str(dtype) != array.dtype or tuple(shape) != declared_shape:
+        raise GateRefusal(
+            "array-encoding",
+            f"tensor {name!r} declares {array.dtype}{list(declared_shape)} but holds {dtype}{list(shape)}",
+            key=name,
+        )
+    count = math.prod(shape)
+    offset = header.tell()
+    if len(data) != offset + count * dtype.itemsize:
+        raise GateRefusal("array-encoding", f"tensor {name!r} has {len(data) - offset} data bytes", key=name)
+    value = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    value = value.reshape(shape, order="F" if fortran else "C")
+    value.flags.writeable = False
+    return value
+
+
+def decode_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((name, decode_array(name, array)) for name, array in record.items())
+
+
+def _server_round(message: Message) -> str:
+    for record in message.content.values():
+        if isinstance(record, ConfigRecord) and "server-round" in record:
+            return repr(record["server-round"])[:64]
+    return ""
+
+
+def decode_instruction(raw: bytes, allowed_types: tuple[str, ...]) -> Instruction:
+    """A malicious server gets refusals, not crashes: anything unreadable, a message type the
+    policy does not answer, several or renamed model records, a non-finite model."""
+    try:
+        message = message_from_bytes(raw)
+    except ValueError as err:
+        raise GateRefusal("instruction", f"the instruction cannot be read: {err}") from err
+    category = message.metadata.message_type.split(".", 1)[0]
+    if category not in CATEGORIES or category not in allowed_types:
+        raise GateRefusal("message-type", f"the policy does not answer {message.metadata.message_type!r} messages")
+    if not message.has_content():
+        raise GateRefusal("instruction", "the instruction carries no content")
+    array_keys = list(message.content.array_records)
+    if category == "train" and len(array_keys) != 1:
+        raise GateRefusal("instruction", f"a train instruction must carry exactly one ArrayRecord, it has {array_keys}")
+    model_key = array_keys[0] if category == "train" else ""
+    model: OrderedDict[str, np.ndarray] = OrderedDict()
+    manifest = None
+    if model_key:
+        try:
+            model = decode_record(message.content.array_records[model_key])
+        except GateRefusal as err:
+            raise GateRefusal("instruction", f"the server's model: {err}") from err
+        for name, value in model.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise GateRefusal("instruction", f"the server's model holds NaN or Inf in {name!r}", key=name)
+        manifest = Manifest(tuple(TensorSpec(n, str(v.dtype), tuple(v.shape)) for n, v in model.items()))
+    return Instruction(raw, message, category, model_key, model, manifest, _server_round(message))
+
+
+def decode_reply(raw: bytes, instruction: Instruction) -> Reply:
+    """The reply's bytes to plain values, refusing every record a reply may not carry."""
+    try:
+        message = message_from_bytes(raw)
+    except ValueError as err:
+        raise GateRefusal("reply-unreadable", f"the reply cannot be read: {err}") from err
+    if message.has_error():
+        raise GateRefusal("client-error", "the ClientApp answered with an error", code=int(message.error.code))
+    if message.metadata.reply_to_message_id != instruction.message_id:
+        raise GateRefusal("reply-mismatch", "the reply does not answer the instruction it was given")
+    if message.metadata.message_type != instruction.message.metadata.message_type:
+        raise GateRefusal("reply-mismatch", "the reply's message type differs from the instruction's")
+    if not message.has_content():
+        raise GateRefusal("reply-unreadable", "the reply carries no content")
+    arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+    metrics: dict[str, float | int] = {}
+    order: tuple[str, ...] = ()
+    for name, record in message.content.items():
+        if isinstance(record, ConfigRecord):
+            raise GateRefusal("config-record", f"the reply carries ConfigRecord {name!r}; none may leave", key=name)
+        if isinstance(record, ArrayRecord):
+            if name != instruction.model_key or not instruction.model_key:
+                raise GateRefusal("extra-record", f"ArrayRecord {name!r} is not allowed in this reply", key=name)
+            arrays = decode_record(record)
+        elif isinstance(record, MetricRecord):
+            if name != "metrics":
+                raise GateRefusal("extra-record", f"MetricRecord must be named 'metrics', got {name!r}", key=name)
+            metrics, order = _plain_metrics(record)
+        else:
+            raise GateRefusal("extra-record", f"the reply carries a {type(record).__name__}", key=name)
+    if instruction.model_key and instruction.model_key not in message.content.array_records:
+        raise GateRefusal("manifest", f"the train reply lacks the model record {instruction.model_key!r}")
+    return Reply(message, arrays, metrics, order)
+
+
+def _plain_metrics(record: MetricRecord) -> tuple[dict[str, float | int], tuple[str, ...]]:
+    values: dict[str, float | int] = {}
+    for key, value in record.items():
+        if not (type(value) is int or type(value) is float):  # exactly: no bool, list or subclass
+            raise GateRefusal("metric-type", f"metric {key!r} must be one number, got {type(value).__name__}", key=key)
+        values[str(key)] = value
+    return values, tuple(values)
+
+
+def literal_round(text: str) -> int | None:
+    """The server's claimed round as an int, for the record only (None when it is not one)."""
+    try:
+        value: Any = ast.literal_eval(text) if text else None
+    except (ValueError, SyntaxError):
+        return None
+    return value if type(value) is int else None

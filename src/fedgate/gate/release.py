@@ -1,0 +1,45 @@
+"""When a reply leaves. The gate, not the ClientApp, sets it: replies are released only at
+slot boundaries counted from the instruction's arrival, so the ClientApp's compute time (or
+a deliberate delay) moves the release by whole slots at most, over at most `max_slots`
+possible times — log2(max_slots) bits per reply, counted in the bound."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fedgate.canonical import decimal_str
+from fedgate.policy.model import ReleasePolicy
+
+
+@dataclass(frozen=True)
+class Release:
+    arrived: float  # wall clock, when the gate received the instruction
+    ready: float  # when the gate had its decision
+    slot: int  # 1..max_slots
+    at: float  # arrived + slot * slot_s: the only time the server learns
+    late: bool  # ready after the last slot: refused, released at the last slot
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "arrived": decimal_str(self.arrived, 17),
+            "ready": decimal_str(self.ready, 17),
+            "slot": self.slot,
+            "at": decimal_str(self.at, 17),
+            "late": self.late,
+        }
+
+
+def schedule(policy: ReleasePolicy, arrived: float, ready: float) -> Release:
+    slot = max(1, math.ceil((ready - arrived) / policy.slot_s))
+    late = slot > policy.max_slots
+    slot = min(slot, policy.max_slots)
+    return Release(arrived, ready, slot, arrived + slot * policy.slot_s, late)
+
+
+def wait_until(moment: float) -> None:
+    """Sleep until the wall-clock `moment` (no earlier; a few ms later is the OS's jitter)."""
+    while (left := moment - time.time()) > 0:
+        time.sleep(min(left, 1.0))

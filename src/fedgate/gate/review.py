@@ -1,0 +1,116 @@
+"""Human review bound to bytes. Before waiting, the gate records a `review-held` ledger entry
+with the exact payload that would leave; a person approves or rejects it on the review page;
+only a payload whose SHA-256 equals a held one is ever sent — and it is sent from the gate's
+own copy in the ledger's blob store, never from the review queue (a file anyone with access
+to the hospital folder could edit)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedgate.canonical import decimal_str
+from fedgate.errors import GateRefusal
+from fedgate.flower_adapter import recorddict_from_bytes, recorddict_to_bytes
+from fedgate.gate.entries import KIND_REVIEW, KIND_REVIEW_HELD
+from fedgate.gate.evidence import GateDecision, StageEvidence
+from fedgate.review.queue import APPROVED, REJECTED, ReviewQueue
+
+if TYPE_CHECKING:
+    from fedgate.gate.pipeline import Admission, GatePipeline
+
+
+def tensor_table(admission: Admission, content: RecordDict) -> list[dict[str, Any]]:
+    """Per tensor of the outgoing model: name, shape, dtype and the L2 norm of its update."""
+    rows: list[dict[str, Any]] = []
+    instruction = admission.instruction
+    if instruction is None or not instruction.model_key:
+        return rows
+    for name, array in content.array_records[instruction.model_key].items():
+        sent = array.numpy()
+        before = instruction.model[name]
+        norm = math.sqrt(float(np.sum((sent.astype(np.float64) - before.astype(np.float64)) ** 2)))
+        rows.append({"name": name, "shape": list(sent.shape), "dtype": str(sent.dtype), "update_l2": decimal_str(norm)})
+    return rows
+
+
+def hold_for_review(
+    gate: GatePipeline, admission: Admission, decision: GateDecision, content: RecordDict
+) -> tuple[GateDecision, RecordDict | None]:
+    payload = recorddict_to_bytes(content)
+    held = hashlib.sha256(payload).hexdigest()
+    message = admission.message
+    assert message is not None
+    instruction_id = message.metadata.message_id
+    common = {"run_id": message.metadata.run_id, "instruction_id": instruction_id, "gate_round": admission.gate_round}
+    gate.record_review({"kind": KIND_REVIEW_HELD, **common, "policy_hash": gate.policy.hash}, {"held": payload})
+    metrics = content.metric_records.get("metrics")
+    summary = {
+        "run_id": message.metadata.run_id,
+        "round": admission.gate_round,
+        "server_round": admission.instruction.server_round if admission.instruction else "",
+        "hospital": gate.hospital,
+        "destination": gate.destination,
+        "message_type": message.metadata.message_type,
+        "tensors": tensor_table(admission, content),
+        "metrics": {k: decimal_str(float(v)) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
+        "decision": decision.to_json(),
+        "bits_this_reply": decimal_str(decision.bound.total),
+        "bits_cumulative": decimal_str(admission.state.cumulative_bits + decision.bound.total),
+        "policy_hash": gate.policy.hash,
+        "payload_sha256": held,
+    }
+    queue = ReviewQueue(gate.hospital_dir)
+    try:
+        item = queue.submit(instruction_id, gate.hospital, summary, payload, gate.policy.review_timeout_s)
+        item = queue.wait(item.id)
+    finally:
+        queue.close()
+    shown = hashlib.sha256(item.payload).hexdigest()
+    sendable = _held_payload(gate, instruction_id, shown, held, payload)
+    gate.record_review(
+        {
+            "kind": KIND_REVIEW,
+            **common,
+            "item": item.id,
+            "status": item.status,
+            "reviewer": item.reviewer,
+            "reason": item.reason,
+            "decided_at": item.decided_at,
+            "reviewed_sha256": shown,
+            "held_sha256": held,
+            "policy_hash": gate.policy.hash,
+        }
+    )
+    if item.status == APPROVED and sendable is not None:
+        return decision, recorddict_from_bytes(sendable)
+    if item.status == APPROVED:
+        refusal = GateRefusal(
+            "review-tampered", "the approved payload is not one the gate held", shown=shown, held=held
+        )
+    else:
+        rule = "review-rejected" if item.status == REJECTED else "review-timeout"
+        refusal = GateRefusal(rule, f"{item.reviewer or 'nobody'} decided {item.status}: {item.reason}")
+    stage = StageEvidence(refusal.rule, False, {"item": item.id, "reviewer": item.reviewer, "shown": shown})
+    return replace(decision, sent=False, stages=(*decision.stages, stage), rule=refusal.rule, reason=str(refusal)), None
+
+
+def _held_payload(gate: GatePipeline, instruction_id: str, shown: str, held: str, payload: bytes) -> bytes | None:
+    """The bytes to send when the reviewer approved the item showing `shown`: this reply's own
+    payload, or — after a restart, when the queue kept the item of an earlier attempt — the
+    payload an earlier `review-held` entry of the same instruction recorded, from the blob store."""
+    if shown == held:
+        return payload
+    for entry in gate.ledger.entries():
+        if (
+            entry.get("kind") == KIND_REVIEW_HELD
+            and entry.get("instruction_id") == instruction_id
+            and entry.get("payloads", {}).get("held", {}).get("sha256") == shown
+        ):
+            return gate.ledger.blobs.get(shown)
+    return None

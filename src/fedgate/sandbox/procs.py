@@ -1,0 +1,142 @@
+"""The host's view of a sandbox's processes, read from /proc: its process tree, the
+namespaces and credentials of its worker as the kernel holds them, what it uses, and how to
+stop every process of it. Only our own descendants are ever read or signalled."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMESPACES = ("user", "pid", "net", "ipc", "uts", "mnt", "cgroup")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/PID/task/*/children (no scan of other processes)."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, parents before children."""
+    order: list[int] = []
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        for child in children(current):
+            if child not in order:
+                order.append(child)
+                frontier.append(child)
+    return order
+
+
+def status(pid: int) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+def find_by_nspid(root: int, inner_pid: int) -> int | None:
+    """The host pid of the process that is `inner_pid` in the innermost PID namespace."""
+    for pid in descendants(root):
+        nspid = status(pid).get("NSpid", "").split()
+        if len(nspid) >= 2 and nspid[-1] == str(inner_pid):
+            return pid
+    return None
+
+
+def namespace_ids(pid: int | str) -> dict[str, str]:
+    ids = {}
+    for name in NAMESPACES:
+        with contextlib.suppress(OSError):
+            ids[name] = os.readlink(f"/proc/{pid}/ns/{name}")
+    return ids
+
+
+def limits(pid: int) -> dict[str, str]:
+    """`/proc/PID/limits` as {name: soft limit}."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+            name, soft = line[:26].strip(), line[26:47].strip()
+            found[name] = soft
+    return found
+
+
+def interfaces(pid: int) -> list[str]:
+    """Network interfaces of the namespace `pid` lives in."""
+    try:
+        lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return []
+    return sorted(line.split(":", 1)[0].strip() for line in lines)
+
+
+@dataclass(frozen=True)
+class Usage:
+    memory_mb: float  # proportional set size summed over the tree: shared pages counted once
+    cpu_seconds: float  # user + system time of live processes and of the children they reaped
+    processes: int
+
+
+def usage(pids: list[int]) -> Usage:
+    memory_kb = 0
+    ticks = 0
+    live = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z":
+            continue
+        live += 1
+        ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    memory_kb += int(line.split()[1])
+                    break
+    return Usage(memory_kb / 1024, ticks / CLOCK_TICKS, live)
+
+
+def kill_tree(root: int, timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL a sandbox: first the init of every PID namespace below `root` (the kernel then
+    kills every process of that namespace at once, including any that forked or double-forked
+    to escape), then the bubblewrap monitors around it. Returns the pids still alive after
+    `timeout_s` (none, unless the kernel could not kill them)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = descendants(root)
+        inits = [p for p in pids if status(p).get("NSpid", "").split()[-1:] == ["1"] and p != root]
+        for pid in [*inits, *reversed(pids), root]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        living = [p for p in [*descendants(root), root] if alive(p)]
+        if not living:
+            return []
+        if time.monotonic() > deadline:
+            return living
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
