@@ -1,7 +1,8 @@
 """Deployment: flower-superlink (TLS, SuperNode authentication) + per hospital a stock
 flower-supernode --isolation process and a fedgate node, as separate processes on loopback.
-The same malicious replies as in simulation are refused by the same rules (one pipeline,
-two executors), and a ClientApp trying every way out of the sandbox gets nowhere."""
+The same malicious replies as in simulation are refused by the same rules (one seam, two
+executors); a ClientApp trying fedgate's escape suite gets nowhere; a FAB one hospital did not
+approve is refused there and the run goes on; every process stops on Ctrl-C, SIGTERM or failure."""
 
 from __future__ import annotations
 
@@ -19,23 +20,35 @@ from rich.console import Console
 
 from fedgate.errors import FedgateError
 from fedgate.executor.local_federation import free_port, run_local_deployment
-from fedgate.gate.pipeline import content_from_bytes
+from fedgate.executor.node import NodeConfig, NodeRefused, check_node_user
+from fedgate.flower_adapter import message_from_bytes
+from fedgate.gate.entries import ReplyEntry, read_entries
 from fedgate.ledger.store import Ledger
 from fedgate.ledger.verify import verify_ledger
+from fedgate.policy import default_policy_text, load_policy
 from malicious_apps import ATTACK_RULES, CANARY, check_refusals
 
 TESTS = Path(__file__).resolve().parents[1]
 TEST_APP_FILES = ("malicious_apps.py", "canary_server_app.py", "model_fixtures.py", "sandbox_apps.py")
+HANG_S = 900  # only a hang detector
+ESCAPES = (
+    "tcp-loopback", "unix-pathname", "socketpair-sendto", "netlink", "io-uring", "resolve-name", "read-secret",
+    "list-hospital", "write-data", "delete-data", "chmod-data", "setns-back", "unshare-user", "mount-tmpfs",
+    "ptrace-parent", "tiocsti", "open-tty", "stray-descriptors", "x32-abi", "bpf", "keyctl", "write-root",
+    "write-proc-sys", "set-clock",
+)  # fmt: skip
+WORLD_KEYS = ("tcp_port", "unix_path", "unix_dgram_path", "secret_file", "hospital_dir", "data_dir", "data_file")
 
 
 def processes_of(run_dir: Path) -> list[str]:
-    """Processes whose command line names `run_dir`, or that run inside it (sandbox children)."""
+    """Processes whose command line names `run_dir`, or that run inside it: the test's own
+    check that nothing was left (the product itself never scans other processes)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             cwd = os.readlink(proc / "cwd")
         except OSError:
             continue  # gone, or not ours to read
@@ -47,20 +60,9 @@ def processes_of(run_dir: Path) -> list[str]:
 def test_reference_app_trains_across_three_hospitals(tmp_path: Path) -> None:
     out = tmp_path / "deploy"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedgate.cli.main",
-        "demo",
-        "--deploy",
-        "--hospitals",
-        "3",
-        "--rounds",
-        "2",
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    cmd = [sys.executable, "-m", "fedgate.cli.main", "demo", "--deploy", "--hospitals", "3", "--rounds", "2",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     accuracies = [r["accuracy"] for r in summary["per_round"]]
@@ -69,28 +71,30 @@ def test_reference_app_trains_across_three_hospitals(tmp_path: Path) -> None:
     for hospital_dir in map(Path, summary["hospitals_dirs"]):
         assert verify_ledger(hospital_dir / "ledger").entries == 5  # policy + 2 x (train + evaluate)
         with Ledger(hospital_dir / "ledger", create=False) as ledger:
-            sent = [e for e in ledger.entries() if e["kind"] == "reply-sent"]
+            sent = [e for e in read_entries(ledger) if isinstance(e, ReplyEntry) and e.sent]
         assert len(sent) == 4
-        for entry in sent:  # every reply came out of a fully isolated sandbox
-            assert {layer["layer"]: layer["established"] for layer in entry["executor"]["sandbox"]} == {
-                "limits": True, "network-namespace": True, "landlock": True, "seccomp": True,
-            }  # fmt: skip
-            assert entry["destination"].startswith("https://127.0.0.1:")
+        for entry in sent:  # every reply came out of a fully isolated sandbox, of the FAB we checked
+            assert entry.isolation_mode == "sandbox" and entry.isolation_enforced
+            assert entry.executor["as_root"] == (os.geteuid() == 0)  # --allow-root is on record
+            assert len(entry.executor["fab_sha256"]) == 64 and entry.executor["fab"]["verdict"] == "accepted"
+            assert entry.destination.startswith("https://127.0.0.1:")
         assert (hospital_dir / "report.html").is_file()
+        assert [p.parent.name for p in (hospital_dir / "fabs").glob("*/pyproject.toml")] == [
+            sent[0].executor["fab_sha256"]
+        ]
     logs = out / "logs"
     assert "insecure" not in (logs / "superlink.log").read_text().lower()
     assert "authentication is disabled" not in (logs / "superlink.log").read_text()
     assert processes_of(out) == [], "processes were left running"
 
 
-def make_test_fab(folder: Path) -> Path:
+def make_test_fab(folder: Path, extra: dict[str, str] | None = None) -> Path:
     folder.mkdir(parents=True)
     for name in TEST_APP_FILES:
         shutil.copy(TESTS / name, folder / name)
     keys = {
-        "attacks": '"honest"', "phases": '"train:1,evaluate:1,train:2"', "capture-file": '""', "tcp-port": "0",
-        "superlink-port": "0", "unix-socket": '""', "data-dir": '""', "secret-file": '""', "outside-dir": '""',
-        "num-server-rounds": "2", "num-hospitals": "0", "metrics-file": '""',
+        "attacks": '"honest"', "phases": '"train:1,evaluate:1,train:2"', "capture-file": '""', "attempts": '""',
+        "num-server-rounds": "2", "num-hospitals": "0", "metrics-file": '""', **(extra or {}),
     }  # fmt: skip
     config = "\n".join(f"{k} = {v}" for k, v in keys.items())
     (folder / "pyproject.toml").write_text(
@@ -103,9 +107,9 @@ def make_test_fab(folder: Path) -> Path:
     return folder
 
 
-def test_same_refusals_as_simulation_and_no_way_out_of_the_sandbox(tmp_path: Path) -> None:
-    attacks = [*ATTACK_RULES, "sandbox-escape"]
-    escape = len(attacks) - 1
+def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused(tmp_path: Path) -> None:
+    attacks = [*ATTACK_RULES, "sandbox-escape", "honest"]
+    escape, unapproving = len(attacks) - 2, len(attacks) - 1
     capture = tmp_path / "server-received.bin"
     secret = tmp_path / "private" / "ledger-key"
     secret.parent.mkdir()
@@ -114,75 +118,87 @@ def test_same_refusals_as_simulation_and_no_way_out_of_the_sandbox(tmp_path: Pat
     unix = socket.socket(socket.AF_UNIX)
     unix.bind(unix_path)
     unix.listen()
+    listener = socket.create_server(("127.0.0.1", 0))
     out = tmp_path / "deploy"
     data_dir = out / f"hospital-{escape}" / "data"
-    config = {
-        "attacks": ",".join(attacks), "capture-file": str(capture), "unix-socket": unix_path,
-        "data-dir": str(data_dir), "secret-file": str(secret), "outside-dir": str(secret.parent),
-    }  # fmt: skip
     data_dir.mkdir(parents=True)
     (data_dir / "scan-0.png").write_bytes(b"\x89PNG")
-    app_dir = make_test_fab(tmp_path / "fab")
-    # The escaping app dials a listener of ours on loopback (IPv4 and IPv6) and the SuperLink itself.
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.5)
-    superlink_port = free_port()
-    config["tcp-port"], config["superlink-port"] = listener.getsockname()[1], superlink_port
+    world = {
+        "tcp_port": str(listener.getsockname()[1]), "unix_path": f'"{unix_path}"', "unix_dgram_path": f'"{unix_path}"',
+        "secret_file": f'"{secret}"', "hospital_dir": f'"{out / f"hospital-{escape}"}"', "data_dir": f'"{data_dir}"',
+        "data_file": '"scan-0.png"',
+    }  # fmt: skip
+    app_dir = make_test_fab(tmp_path / "fab", world)
+    strict = tmp_path / "strict.toml"  # this hospital approves only another app's hash
+    strict.write_text(default_policy_text().replace("approved = []", f'approved = ["sha256:{"0" * 64}"]'))
+    config = {"attacks": ",".join(attacks), "capture-file": str(capture), "attempts": ",".join(ESCAPES)}
     summary = run_local_deployment(
-        out, len(attacks), 2, None, config, Console(quiet=True), app_dir=app_dir, link_port=superlink_port
-    )
+        out, len(attacks), 2, None, config, Console(quiet=True), app_dir=app_dir, link_port=free_port(),
+        hospital_policies={unapproving: strict},
+    )  # fmt: skip
 
     check_refusals(summary, attacks[:escape])  # exactly the rules of the simulation test
-    refusals = summary["refusals"][f"hospital-{escape}"]
-    assert [r["rule"] for r in refusals] == ["manifest", "manifest"]  # it sent metrics, no model
+    assert [r["rule"] for r in summary["refusals"][f"hospital-{escape}"]] == ["extra-record"] * 2  # its records
     with Ledger(out / f"hospital-{escape}" / "ledger", create=False) as ledger:
-        refused = next(e for e in ledger.entries() if e["kind"] == "reply-refused")
-        stopped = content_from_bytes(ledger.blobs.get(refused["payloads"]["refused"]["sha256"]))
-    results = dict(stopped["metrics"])  # what the escaping app reported; it never left the hospital
-    escapes = {k: v for k, v in results.items() if k.startswith("escape:")}
-    assert len(escapes) == 12 and not any(escapes.values()), escapes
-    assert all(v == 1 for k, v in results.items() if k.startswith("control:")), results
+        refused = next(e for e in read_entries(ledger) if isinstance(e, ReplyEntry) and not e.sent)
+        stopped = message_from_bytes(ledger.blobs.get(refused.payload_sha256)).content  # the reply as handed back
+    escaped = {name: value for name, value in stopped.metric_records["escapes"].items() if value}
+    assert set(stopped.metric_records["escapes"]) == set(ESCAPES) and not escaped, escaped
     assert [p.name for p in data_dir.iterdir()] == ["scan-0.png"]
-    unix.settimeout(0.5)
     for server in (listener, unix):
-        try:
+        server.settimeout(0.5)
+        with pytest.raises(OSError):
             server.accept()
-            raise AssertionError("something connected from inside the sandbox")
-        except (TimeoutError, BlockingIOError, OSError):
-            pass
         server.close()
+
+    fab_refusals = summary["refusals"][f"hospital-{unapproving}"]
+    assert {r["rule"] for r in fab_refusals} == {"fab-fab-not-approved"}
+    assert not (out / f"hospital-{unapproving}" / "fabs").exists() or not any(
+        (out / f"hospital-{unapproving}" / "fabs").iterdir()
+    )  # nothing of the unapproved app was written
+    assert summary["egress"]["hospital-0"]["replies_sent"] == 3  # the run went on for the others
     received = capture.read_bytes()
     assert CANARY not in received and b"patient-0042" not in received
+    assert b"fab" not in received.lower() or b"not-approved" not in received  # only the generic refusal
 
 
-def test_every_process_is_stopped_on_ctrl_c_and_on_failure(tmp_path: Path) -> None:
+def test_every_process_is_stopped_on_ctrl_c_on_sigterm_and_on_failure(tmp_path: Path) -> None:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "300"}
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "fedgate.cli.main", "demo", "--deploy", "--hospitals", "2", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert proc.stdout is not None
-    while "federation up" not in (line := proc.stdout.readline()):  # wait until the whole federation is up
-        assert line, "fedgate demo --deploy exited before the federation was up"
-    assert len(processes_of(out)) >= 5  # superlink + 2 x (supernode + fedgate node)
-    proc.send_signal(signal.SIGINT)
-    output = proc.stdout.read()  # the same buffered reader as above, to its end
-    proc.wait(timeout=60)
-    assert proc.returncode == 130 and "every process of the federation has been stopped" in output
-    assert "Traceback" not in output
-    assert processes_of(out) == []
-
-    terminated = tmp_path / "terminated"  # as systemd or `kill` would stop it
-    proc = subprocess.Popen(
-        [*cmd[:-1], str(terminated)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    assert proc.stdout is not None
-    while "federation up" not in (line := proc.stdout.readline()):
-        assert line, "fedgate demo --deploy exited before the federation was up"
-    proc.terminate()
-    proc.wait(timeout=60)
-    assert processes_of(terminated) == []
+    for stop, folder in ((signal.SIGINT, out), (signal.SIGTERM, tmp_path / "terminated")):
+        proc = subprocess.Popen(
+            [*cmd[:-1], str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        assert proc.stdout is not None
+        while "federation up" not in (line := proc.stdout.readline()):  # wait until the whole federation is up
+            assert line, "fedgate demo --deploy exited before the federation was up"
+        assert len(processes_of(folder)) >= 5  # superlink + 2 x (supernode + fedgate node)
+        proc.send_signal(stop)
+        output = proc.stdout.read()
+        proc.wait(timeout=HANG_S)
+        assert proc.returncode == 130, output
+        assert "every process of the federation was stopped" in output and "Traceback" not in output
+        assert processes_of(folder) == []
+        for ledger in folder.glob("hospital-*/ledger"):
+            verify_ledger(ledger)
 
     failing = tmp_path / "failing"
     with pytest.raises(FedgateError, match="flwr run failed"):
         run_local_deployment(failing, 1, 1, None, {}, Console(quiet=True), app_dir=tmp_path)  # not an app
     assert processes_of(failing) == []
+
+
+def test_the_node_refuses_root_unless_told_and_unsafe_keys(tmp_path: Path) -> None:
+    config = NodeConfig("127.0.0.1:1", tmp_path / "h", tmp_path, load_policy(None), "https://x")
+    if os.geteuid() == 0:
+        with pytest.raises(NodeRefused, match="--allow-root"):
+            check_node_user(config)
+    allowed = NodeConfig("127.0.0.1:1", tmp_path / "h", tmp_path, load_policy(None), "https://x", allow_root=True)
+    assert check_node_user(allowed)["node_uid"] == os.geteuid()
+    (tmp_path / "h" / "keys").mkdir(parents=True)
+    key = tmp_path / "h" / "keys" / "auth.key"
+    key.write_text("k")
+    key.chmod(0o644)
+    with pytest.raises(NodeRefused, match="chmod 600"):
+        check_node_user(allowed)

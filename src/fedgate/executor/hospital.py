@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from flwr.app import Context, RecordDict
 
@@ -43,6 +43,20 @@ from fedgate.sandbox.spec import Limits, SandboxError, SandboxSpec
 log = logging.getLogger("fedgate.hospital")
 T = TypeVar("T")
 AppSource = Callable[[], tuple[AppRef, dict[str, Any]]]
+
+
+class InstructionHandler(Protocol):
+    """A kind of instruction the hospital answers its own way (secure aggregation's stages,
+    trusted training's recipes) instead of the plain gate-the-ClientApp path. It still uses
+    the hospital's gate (admit/conclude) and, where it runs the ClientApp, its sandbox."""
+
+    def handles(self, instruction: bytes) -> bool: ...
+
+    def run(
+        self, hospital: Hospital, instruction: bytes, context: bytes, arrived: float, app_source: AppSource | None
+    ) -> tuple[bytes, bytes | None]: ...
+
+
 PRELOAD = ("numpy", "torch")  # trusted libraries worth importing once per sandbox, before any fork
 IMPORT = re.compile(rb"^\s*(?:import|from)\s+(numpy|torch)\b", re.MULTILINE)
 
@@ -63,6 +77,8 @@ def preload_for(sources: Path, limit: int = 500) -> tuple[str, ...]:
             except OSError:
                 continue
     return tuple(name for name in PRELOAD if name.encode() in found)
+
+
 STATE_MAX = 64 << 20  # a ClientApp's state between rounds: generous, but bounded
 
 
@@ -102,6 +118,7 @@ class HospitalConfig:
     preload: tuple[str, ...] = ()  # trusted libraries the sandbox imports before forking tasks
     keep_worker: bool = True  # simulation: one sandbox per run; the node: a fresh one per task
     keep_state: bool = True  # simulation: the ClientApp's state stays here; the node: the SuperNode keeps it
+    handlers: tuple[InstructionHandler, ...] = ()
     executor: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,10 +171,13 @@ class Hospital:
     ) -> tuple[bytes, bytes | None]:
         if self._stopping.is_set():
             raise SandboxError(f"{self.config.name} is stopping; the task was not started")
+        for handler in self.config.handlers:
+            if handler.handles(instruction):
+                return handler.run(self, instruction, context, arrived, app_source)
         admission = self.gate.admit(instruction, arrived)
         outcome, state = None, None
         if admission.refusal is None:
-            outcome, state = self._sandboxed(instruction, context, admission.run_id, app_source)
+            outcome, state = self.sandboxed(instruction, context, admission.run_id, app_source)
         return self._send(self.gate.conclude(admission, outcome), instruction), state
 
     def _gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> bytes:
@@ -193,7 +213,7 @@ class Hospital:
             self._worker, self._worker_key = worker, key
         return self._worker
 
-    def _sandboxed(
+    def sandboxed(
         self, instruction: bytes, context: bytes, run_id: int, app_source: AppSource | None
     ) -> tuple[AppOutcome, bytes | None]:
         executor = dict(self.config.executor)

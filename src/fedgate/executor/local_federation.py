@@ -59,13 +59,20 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout_s
 
 class LocalFederation:
     def __init__(
-        self, out_dir: Path, hospitals: int, policy: Path | None, gated: bool = True, link_port: int | None = None
+        self,
+        out_dir: Path,
+        hospitals: int,
+        policy: Path | None,
+        gated: bool = True,
+        link_port: int | None = None,
+        hospital_policies: Mapping[int, Path] | None = None,
     ) -> None:
         if hospitals < 1:
             raise FedgateError(f"--hospitals must be at least 1, got {hospitals}")
         self.out_dir = out_dir.resolve()
         self.hospitals = hospitals
         self.policy = policy.resolve() if policy else None
+        self.hospital_policies = {i: p.resolve() for i, p in (hospital_policies or {}).items()}
         self.gated = gated
         self.procs: list[subprocess.Popen[bytes]] = []
         self._log_files: list[IO[bytes]] = []
@@ -211,8 +218,9 @@ class LocalFederation:
                     "--superexec-auth-secret-file",
                     str(secret),
                 ]
-                if self.policy:
-                    cmd += ["--policy", str(self.policy)]
+                hospital_policy = self.hospital_policies.get(index, self.policy)
+                if hospital_policy:
+                    cmd += ["--policy", str(hospital_policy)]
                 if os.geteuid() == 0:
                     cmd.append("--allow-root")  # recorded in every ledger entry
                 self._start(f"fedgate-node-{index}", cmd, flwr_home)
@@ -284,8 +292,10 @@ def run_local_deployment(
     gated: bool = True,
     app_dir: Path = APP_DIR,
     link_port: int | None = None,
+    hospital_policies: Mapping[int, Path] | None = None,
 ) -> dict[str, Any]:
-    """Start the federation, run the app, stop everything; return (and write) the summary."""
+    """Start the federation, run the app, stop everything; return (and write) the summary.
+    `hospital_policies` gives some hospitals a policy of their own (tests: one refuses the FAB)."""
     out_dir = out_dir.resolve()
     if check_out_dir(out_dir) == "continuing":
         console.print(f"[yellow]{out_dir} holds earlier runs: continuing with the same hospitals[/]")
@@ -300,7 +310,9 @@ def run_local_deployment(
     )
     with signals_interrupt():
         try:
-            with LocalFederation(out_dir, hospitals, policy, gated=gated, link_port=link_port) as federation:
+            with LocalFederation(
+                out_dir, hospitals, policy, gated=gated, link_port=link_port, hospital_policies=hospital_policies
+            ) as federation:
                 console.print(f"federation up in {time.monotonic() - started:.1f} s; submitting the app with flwr run")
                 with RoundPrinter(metrics_path, rounds, console, started):
                     federation.run_app(config, app_dir=app_dir)

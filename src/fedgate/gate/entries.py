@@ -63,7 +63,7 @@ class ReplyEntry:
     manifest_hash: str
     isolation_mode: str  # sandbox | no-isolation | downgraded | trusted | none
     isolation_enforced: bool
-    payload_sha256: str  # the sent bytes, or the refused reply kept at the hospital
+    payload_sha256: str  # sent: the RecordDict bytes that left; refused: the reply Message bytes, kept here
     payload_size: int
     released_at: float
     decision: dict[str, Any] = field(repr=False)

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from fedgate.policy import Policy
 log = logging.getLogger("fedgate.gate")
 
 GENERIC_REFUSAL = "refused by the hospital's egress gate"
+Finalize = Callable[[RecordDict, "GateDecision"], tuple[RecordDict, "GateDecision"]]
 LEDGER_DIR = "ledger"
 
 
@@ -159,7 +161,9 @@ class GatePipeline:
 
     # -- after it ran ----------------------------------------------------------------------------
 
-    def conclude(self, admission: Admission, outcome: AppOutcome | None) -> Outcome:
+    def conclude(self, admission: Admission, outcome: AppOutcome | None, finalize: Finalize | None = None) -> Outcome:
+        """`finalize` (secure aggregation) turns the checked content into what is sent (e.g. a
+        masked vector) after every rule and the review, before the ledger records it."""
         decision, content = self._decide(admission, outcome)
         release = schedule(self.policy.release, admission.arrived, time.time())
         if decision.sent and release.late:
@@ -173,6 +177,11 @@ class GatePipeline:
             wait_until(release.at)  # the item appears at a slot boundary, not when the app finished
             decision, content = hold_for_review(self, admission, decision, content)
             release = replace(release, at=max(release.at, time.time()))
+        if finalize is not None and content is not None and decision.sent:
+            try:
+                content, decision = finalize(content, decision)
+            except Exception as err:  # fail closed, recorded
+                decision, content = _refused(decision, GateRefusal("finalize", f"{type(err).__name__}: {err}")), None
         return self._record_and_release(admission, outcome, decision, content, release)
 
     def _decide(self, admission: Admission, outcome: AppOutcome | None) -> tuple[GateDecision, RecordDict | None]:

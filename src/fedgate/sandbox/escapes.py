@@ -149,9 +149,16 @@ def read_secret(world: dict[str, Any]) -> bool:
     return True
 
 
+PRIVATE = {"ledger", "keys", "review.sqlite", "logs", "flwr-home", "cache"}
+
+
 def list_hospital(world: dict[str, Any]) -> bool:
-    os.listdir(str(world["hospital_dir"]))
-    return True
+    """The hospital's folder may show up as an empty skeleton around a folder bound into the
+    sandbox (its data folder, an installed app); its ledger, keys, queue or logs never may."""
+    seen = set(os.listdir(str(world["hospital_dir"])))
+    if seen & PRIVATE:
+        return True
+    raise Blocked(f"only the skeleton around bound folders is visible: {sorted(seen)}")
 
 
 def write_data(world: dict[str, Any]) -> bool:
