@@ -27,7 +27,8 @@ CONFIG = {"partition": "dirichlet", "alpha": 0.5, "local-epochs": 2, "lr": 0.001
 
 
 def per_round_seconds(out: Path) -> list[float]:
-    times = [json.loads(line)["time"] for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
+    metrics = next((out / "runs").glob(f"*/{METRICS_FILE}"))
+    times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
     return [b - a for a, b in itertools.pairwise(times[1:])]  # skip round 0 -> 1
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedgate.cli.audit_cmd import audit
 from fedgate.cli.fab_cmd import fab_app
 from fedgate.cli.ledger_cmd import ledger_app
 from fedgate.cli.node_cmd import node
@@ -43,6 +44,7 @@ app.add_typer(fab_app, name="fab")
 app.command()(review)
 app.command()(report)
 app.command()(node)
+app.command()(audit)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -223,7 +225,21 @@ def demo(
     )
 
 
+def _log_to_console() -> None:
+    """fedgate's own warnings (a refusal, a reply held for review) as lines on stderr."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    logger = logging.getLogger("fedgate")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
 def main() -> None:
+    _log_to_console()
     try:
         app()
     except FedgateError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 from rich.console import Console
 
 from fedgate.errors import PolicyError
+from fedgate.gate.rules import canonical_metrics
 from fedgate.gate.update import capacity_bits
 from fedgate.policy import default_policy_text, load_policy
 
@@ -40,9 +42,18 @@ def check(
         print(json.dumps({"hash": policy.hash, "policy": policy.to_json()}, indent=2))
         return
     console.print_json(json.dumps(policy.to_json()))
-    bits = capacity_bits(policy.clip_norm, policy.sigma)
     console.print(f"policy hash [bold]{policy.hash}[/]")
-    console.print(
-        f"each train reply: update clipped to L2 <= {policy.clip_norm}, noise sigma {policy.sigma:.6g} "
-        f"-> at most {'unbounded (no noise!)' if bits == float('inf') else f'{bits:,.1f}'} bits from the update"
-    )
+    update = capacity_bits(policy.clip_norm, policy.sigma)
+    metrics = {c: canonical_metrics(None, c, policy).bits for c in ("train", "evaluate")}
+    fixed = 1 + policy.release.bits
+    if math.isinf(update):
+        console.print("[bold red]each train reply: UNBOUNDED — noise_multiplier 0: the update can carry anything[/]")
+    else:
+        total = update + metrics["train"] + fixed
+        console.print(
+            f"each train reply: update clipped to L2 <= {policy.clip_norm:g}, noise sigma {policy.sigma:.6g}: at most "
+            f"[bold]{total:,.0f} bits[/] (~{total / 8:,.0f} bytes) of any content: {update:,.0f} from the update "
+            f"(a little more for large models: the grid adds < 1 %), {metrics['train']:,.0f} from the metrics, "
+            f"{fixed:,.0f} from whether and when it is sent"
+        )
+    console.print(f"each evaluate reply: at most {metrics['evaluate'] + fixed:,.0f} bits (metrics, whether and when)")

@@ -153,6 +153,19 @@ class Hospital:
         arrived = time.time() if arrived is None else arrived
         return self.call(lambda: self._run_task(instruction, context, arrived, app_source))
 
+    def warm_up(self, run_id: int) -> None:
+        """Start this hospital's sandbox now, on its own thread, without waiting: the sandboxes
+        of all hospitals start while Flower's engine starts."""
+
+        def start() -> None:
+            assert self.config.app is not None
+            try:
+                self._ensure_worker(self.config.app, run_id, "")
+            except (SandboxRefused, SandboxError) as err:  # the first task meets it again, and records it
+                log.warning("%s: the sandbox did not start: %s", self.config.name, err)
+
+        self._thread.submit(start)
+
     def check_app(self, run_id: int) -> str:
         """Before a simulation starts: does the ClientApp load in this hospital's sandbox?"""
 

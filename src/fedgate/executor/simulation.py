@@ -160,6 +160,8 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                 )  # fmt: skip
             if spec.isolation == "sandbox":
                 console.print("[dim]starting the sandboxes…[/]")
+                for hospital in hospitals.values():
+                    hospital.warm_up(run_id)
                 problem = hospitals[hospital_name(0)].check_app(run_id)
                 if problem:
                     raise FedgateError(f"the client app {spec.client_app} does not load in the sandbox: {problem}")

@@ -7,6 +7,7 @@ to the hospital folder could edit)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from fedgate.flower_adapter import recorddict_from_bytes, recorddict_to_bytes
 from fedgate.gate.entries import KIND_REVIEW, KIND_REVIEW_HELD
 from fedgate.gate.evidence import GateDecision, StageEvidence
 from fedgate.review.queue import APPROVED, REJECTED, ReviewQueue
+
+log = logging.getLogger("fedgate.review")
 
 if TYPE_CHECKING:
     from fedgate.gate.pipeline import Admission, GatePipeline
@@ -68,6 +71,14 @@ def hold_for_review(
     queue = ReviewQueue(gate.hospital_dir)
     try:
         item = queue.submit(instruction_id, gate.hospital, summary, payload, gate.policy.review_timeout_s)
+        log.warning(
+            "%s: a reply (gate round %d) is held for review; decide with `fedgate review %s` "
+            "(refused if undecided after %.0f s)",
+            gate.hospital,
+            admission.gate_round,
+            gate.hospital_dir.parent,
+            gate.policy.review_timeout_s,
+        )
         item = queue.wait(item.id)
     finally:
         queue.close()
