@@ -116,6 +116,7 @@ def test_halt_spans_runs_and_restarts_and_no_code_runs(tmp_path: Path) -> None:
         ran.append(1)
         return honest(msg)
 
+    gate.close()  # the process ends (a crash releases its lock the same way)
     restarted = gate_for(tmp_path, on_refusal="halt")
     for run_id in (1, 2, 3):
         assert through_gate(restarted, instruction(run_id=run_id), app).decision.rule == "halted"
@@ -128,6 +129,15 @@ def test_unwritable_ledger_means_nothing_is_sent(tmp_path: Path) -> None:
     gate.ledger.db.execute("PRAGMA query_only = ON")  # appends now fail
     with pytest.raises(LedgerError):
         through_gate(gate, instruction(), honest)
+
+
+def test_one_gate_per_hospital(tmp_path: Path) -> None:
+    first = gate_for(tmp_path)
+    through_gate(first, instruction(), honest)
+    with pytest.raises(LedgerError, match="holds the gate"):
+        through_gate(gate_for(tmp_path), instruction(), honest)
+    first.close()
+    assert through_gate(gate_for(tmp_path), instruction(), honest).decision.sent
 
 
 def test_edited_gate_state_stops_the_gate(tmp_path: Path) -> None:
@@ -218,3 +228,25 @@ def test_entry_records_isolation_and_instruction_digest(tmp_path: Path) -> None:
     entry = gate.ledger.entries()[out.seq]
     assert entry["isolation"] == isolation
     assert entry["instruction"]["sha256"] == hashlib.sha256(raw).hexdigest()
+
+
+def test_a_halt_is_lifted_only_by_an_operator_and_that_is_on_record(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedgate.cli.main import app
+
+    gate = gate_for(tmp_path, on_refusal="halt")
+    through_gate(gate, instruction(), ATTACKS["nan"])
+    folder = str(tmp_path / "hospital-0")
+    runner = CliRunner()
+    busy = runner.invoke(app, ["gate", "resume", folder, "--operator", "IT", "--reason", "fixed"])
+    assert busy.exit_code != 0  # the gate is held by a running process
+    gate.close()
+    assert "halted" in runner.invoke(app, ["gate", "status", folder]).output
+    result = runner.invoke(app, ["gate", "resume", folder, "--operator", "Dr IT", "--reason", "bug fixed"])
+    assert result.exit_code == 0, result.output
+    restarted = gate_for(tmp_path, on_refusal="halt")
+    assert through_gate(restarted, instruction(), honest).decision.sent
+    kinds = [e["kind"] for e in restarted.ledger.entries()]
+    assert "gate-resumed" in kinds and restarted.ledger.entries()[kinds.index("gate-resumed")]["operator"] == "Dr IT"
+    assert verify_ledger(tmp_path / "hospital-0" / "ledger").entries == len(kinds)

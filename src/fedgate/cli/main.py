@@ -21,6 +21,7 @@ from rich.table import Table
 
 from fedgate.cli.audit_cmd import audit
 from fedgate.cli.fab_cmd import fab_app
+from fedgate.cli.gate_cmd import gate_app
 from fedgate.cli.ledger_cmd import ledger_app
 from fedgate.cli.node_cmd import node
 from fedgate.cli.policy_cmd import policy_app
@@ -41,6 +42,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(fab_app, name="fab")
+app.add_typer(gate_app, name="gate")
 app.command()(review)
 app.command()(report)
 app.command()(node)

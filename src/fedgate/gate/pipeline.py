@@ -14,6 +14,7 @@ fails, the executor sends the generic refusal and nothing else."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import time
@@ -21,13 +22,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedgate.canonical import decimal_str
-from fedgate.errors import GateRefusal
+from fedgate.errors import GateRefusal, LedgerError
 from fedgate.flower_adapter import make_reply, message_from_bytes, recorddict_to_bytes, refusal
 from fedgate.gate import rules
 from fedgate.gate.decode import Instruction, decode_instruction, decode_reply, literal_round
@@ -97,10 +98,12 @@ class GatePipeline:
         self.hospital = hospital
         self.destination = destination
         self._ledger: Ledger | None = None
+        self._lock: IO[bytes] | None = None
 
     @property
     def ledger(self) -> Ledger:
         if self._ledger is None:
+            self._lock = hold_gate_lock(self.hospital_dir)
             self._ledger = Ledger(self.hospital_dir / LEDGER_DIR)
         return self._ledger
 
@@ -108,6 +111,9 @@ class GatePipeline:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def state(self) -> GateState:
         return GateState.from_json(self.ledger.state())
@@ -284,6 +290,24 @@ class GatePipeline:
 
     def record_review(self, fields: dict[str, Any], payloads: dict[str, bytes] | None = None) -> int:
         return self.ledger.append({**fields, "hospital": self.hospital}, payloads).seq
+
+
+LOCK_FILE = ".gate.lock"
+
+
+def hold_gate_lock(hospital_dir: Path) -> IO[bytes]:
+    """One gate per hospital: its state is read, changed and written back by one process. A
+    second gate (or `fedgate gate resume` while a node runs) is refused, not raced."""
+    hospital_dir.mkdir(parents=True, exist_ok=True)
+    handle = (hospital_dir / LOCK_FILE).open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        handle.close()
+        raise LedgerError(
+            f"another fedgate process holds the gate of {hospital_dir} (a node or a run): stop it first"
+        ) from err
+    return handle
 
 
 def _refused(decision: GateDecision, err: GateRefusal) -> GateDecision:
