@@ -33,11 +33,15 @@ def instruction(
     server_round: object = 1,
     tensors: dict[str, np.ndarray] | None = None,
     run_id: int = RUN_ID,
+    created_at: float | None = None,
 ) -> Message:
+    """A fresh instruction; with `created_at` fixed, the same bytes every time (a task the
+    SuperNode delivers again after a node restart is the same message)."""
     records: dict[str, object] = {"config": ConfigRecord({"server-round": server_round})}  # type: ignore[dict-item]
     if message_type != "query":
         records["arrays"] = array_record(tensors or tiny_model())
-    return make_instruction(RecordDict(records), message_type, dst_node_id=NODE_ID, run_id=run_id)  # type: ignore[arg-type]
+    return make_instruction(RecordDict(records), message_type, dst_node_id=NODE_ID, run_id=run_id,  # type: ignore[arg-type]
+                            created_at=created_at)  # fmt: skip
 
 
 def policy_with(**changes: object) -> Policy:

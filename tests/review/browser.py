@@ -1,4 +1,7 @@
-"""Helpers for the browser tests: a free port, the review page as a process, Chromium."""
+"""Helpers for the browser tests: a free port, the review page as a process, Chromium.
+
+Where Chromium (or Playwright) is missing, a browser test fails when `CI` is set in the
+environment — a CI run must not pass by skipping — and skips with the reason otherwise."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +55,36 @@ def review_page(folder: Path) -> Iterator[tuple[str, str, subprocess.Popen[str]]
         proc.wait()
 
 
-def chromium_or_skip() -> None:
+def chromium_missing() -> str:
+    """Why the browser tests cannot run here, or "" when they can."""
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        pytest.skip("Debian chromium is not installed (make test installs it when run as root)")
+        return f"Debian's chromium is not installed at {CHROMIUM} (`make test` installs it when run as root)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as err:
+        return f"playwright is not installed in this environment ({err})"
+    return ""
+
+
+def chromium_or_skip() -> None:
+    """Fail in CI, skip (saying why) elsewhere, when Chromium cannot be driven here."""
+    why = chromium_missing()
+    if not why:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set and the browser tests cannot run: {why}", pytrace=False)
+    pytest.skip(f"{why}; in CI (CI set) this fails instead")
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """One headless Chromium (Debian's, driven by Playwright); share it per module, it is the slow part."""
+    chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

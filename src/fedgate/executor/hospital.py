@@ -230,7 +230,7 @@ class Hospital:
         self, instruction: bytes, context: bytes, run_id: int, app_source: AppSource | None
     ) -> tuple[AppOutcome, bytes | None]:
         executor = dict(self.config.executor)
-        none = {"mode": "sandbox", "enforced": False, "layers": []}
+        none = {"mode": "not-run", "enforced": True, "layers": []}  # refused before any app code ran
         try:
             app, extra = app_source() if app_source is not None else (self.config.app, {})
         except FabRefused as err:
@@ -245,7 +245,8 @@ class Hospital:
         except (SandboxRefused, SandboxError) as err:
             return AppOutcome(None, str(err)[:2000], "sandbox-refused", {**none, "refused": str(err)[:2000]},
                               executor), None  # fmt: skip
-        isolation = {"mode": "sandbox", **(worker.isolation.to_json() if worker.isolation else {})}
+        layers = worker.isolation.to_json() if worker.isolation else {"enforced": False, "layers": []}
+        isolation = {"mode": "downgraded" if layers.get("downgraded") else "sandbox", **layers}
         result = worker.run(instruction, self._task_context(context))
         usage = {k: decimal_str(float(v)) for k, v in result.usage.items()}
         executor["sandbox"] = {"rule": result.rule, "seconds": decimal_str(result.seconds, 4), "usage": usage}

@@ -48,6 +48,7 @@ class ReplyEntry:
     destination: str
     sent: bool
     category: str
+    instruction_id: str
     message_type: str
     group_id: str
     server_round: str
@@ -61,7 +62,7 @@ class ReplyEntry:
     timing_bits: float
     cumulative_bits: float
     manifest_hash: str
-    isolation_mode: str  # sandbox | no-isolation | downgraded | trusted | none
+    isolation_mode: str  # sandbox | downgraded | no-isolation | not-run (no app code ran) | trusted
     isolation_enforced: bool
     payload_sha256: str  # sent: the RecordDict bytes that left; refused: the reply Message bytes, kept here
     payload_size: int
@@ -83,6 +84,7 @@ class ReviewEntry:
     reviewer: str
     reason: str
     payload_sha256: str
+    instruction_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ def _parse(raw: dict[str, Any]) -> Entry:
             destination=str(raw["destination"]),
             sent=kind == KIND_SENT,
             category=str(decision["message_type"]),
+            instruction_id=str(instruction["message_id"]),
             message_type=str(instruction["message_type"]),
             group_id=str(instruction["group_id"]),
             server_round=str(instruction["server_round"]),
@@ -159,6 +162,7 @@ def _parse(raw: dict[str, Any]) -> Entry:
             str(raw.get("reviewer", "")),
             str(raw.get("reason", "")),
             held,
+            str(raw.get("instruction_sha256", "")),
         )
     return OtherEntry(seq, time, kind, raw)
 

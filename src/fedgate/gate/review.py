@@ -18,7 +18,7 @@ from flwr.app import RecordDict
 from fedgate.canonical import decimal_str
 from fedgate.errors import GateRefusal
 from fedgate.flower_adapter import recorddict_from_bytes, recorddict_to_bytes
-from fedgate.gate.entries import KIND_REVIEW, KIND_REVIEW_HELD
+from fedgate.gate.entries import KIND_REVIEW, KIND_REVIEW_HELD, ReviewEntry, read_entries
 from fedgate.gate.evidence import GateDecision, StageEvidence
 from fedgate.review.queue import APPROVED, REJECTED, ReviewQueue
 
@@ -50,7 +50,13 @@ def hold_for_review(
     message = admission.message
     assert message is not None
     instruction_id = message.metadata.message_id
-    common = {"run_id": message.metadata.run_id, "instruction_id": instruction_id, "gate_round": admission.gate_round}
+    instruction_sha256 = hashlib.sha256(admission.raw).hexdigest()
+    common = {
+        "run_id": message.metadata.run_id,
+        "instruction_id": instruction_id,
+        "instruction_sha256": instruction_sha256,
+        "gate_round": admission.gate_round,
+    }
     gate.record_review({"kind": KIND_REVIEW_HELD, **common, "policy_hash": gate.policy.hash}, {"held": payload})
     metrics = content.metric_records.get("metrics")
     summary = {
@@ -83,7 +89,7 @@ def hold_for_review(
     finally:
         queue.close()
     shown = hashlib.sha256(item.payload).hexdigest()
-    sendable = _held_payload(gate, instruction_id, shown, held, payload)
+    sendable = _held_payload(gate, instruction_id, instruction_sha256, shown, held, payload)
     gate.record_review(
         {
             "kind": KIND_REVIEW,
@@ -111,17 +117,24 @@ def hold_for_review(
     return replace(decision, sent=False, stages=(*decision.stages, stage), rule=refusal.rule, reason=str(refusal)), None
 
 
-def _held_payload(gate: GatePipeline, instruction_id: str, shown: str, held: str, payload: bytes) -> bytes | None:
+def _held_payload(
+    gate: GatePipeline, instruction_id: str, instruction_sha256: str, shown: str, held: str, payload: bytes
+) -> bytes | None:
     """The bytes to send when the reviewer approved the item showing `shown`: this reply's own
     payload, or — after a restart, when the queue kept the item of an earlier attempt — the
-    payload an earlier `review-held` entry of the same instruction recorded, from the blob store."""
+    payload an earlier `review-held` entry of the same instruction (same id and same bytes)
+    recorded, read from the blob store and checked against its hash (a blob file edited after
+    it was held is never sent)."""
     if shown == held:
         return payload
-    for entry in gate.ledger.entries():
+    for entry in read_entries(gate.ledger):
         if (
-            entry.get("kind") == KIND_REVIEW_HELD
-            and entry.get("instruction_id") == instruction_id
-            and entry.get("payloads", {}).get("held", {}).get("sha256") == shown
+            isinstance(entry, ReviewEntry)
+            and entry.kind == KIND_REVIEW_HELD
+            and entry.instruction_id == instruction_id
+            and entry.instruction_sha256 == instruction_sha256
+            and entry.payload_sha256 == shown
         ):
-            return gate.ledger.blobs.get(shown)
+            blob = gate.ledger.blobs.get(shown)
+            return blob if hashlib.sha256(blob).hexdigest() == shown else None
     return None

@@ -137,8 +137,8 @@ class Policy:
             return True
         if self.review_mode == "on-warning":
             return bool(warnings)
-        if self.review_mode.startswith("first-rounds:"):
-            return gate_round <= int(self.review_mode.split(":", 1)[1])
+        if self.review_mode.startswith("first-rounds:"):  # train replies (gate round >= 1) only
+            return 1 <= gate_round <= int(self.review_mode.split(":", 1)[1])
         return False
 
     @property

@@ -1,62 +1,88 @@
-"""Render the report: facts and figures into one HTML file."""
+"""Render the report: facts, words and figures into one self-contained HTML file."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from fedgate.report.facts import ReportFacts, read_facts
-from fedgate.report.plots import figures
+from fedgate.ledger.store import DB_FILE, SignedTreeHead
+from fedgate.report import wording
+from fedgate.report.facts import ReportFacts, ledger_folder_of, read_facts
+from fedgate.report.plots import run_figures
 
 
-def summary_sentence(facts: ReportFacts) -> str:
-    sent = facts.sent
-    if not sent:
-        return f"No update has left {facts.hospital or 'this hospital'} according to this ledger."
-    first, last = sent[0].time[:19].replace("T", " "), sent[-1].time[:19].replace("T", " ")
-    tensors = f"the model's {len(facts.tensor_names)} tensors" if facts.tensor_names else "no model tensors"
-    metrics = ", ".join(facts.metric_names) or "no metrics"
-    n_refused = len(facts.refused)
-    refused = f" {n_refused} {'reply was' if n_refused == 1 else 'replies were'} refused and never sent."
-    refused = refused if n_refused else " No reply was refused."
-    updates = sum(1 for r in sent if r.message_type.startswith("train"))
-    others = len(sent) - updates
-    extra = f" and {others} evaluation replies (metrics only)" if others else ""
-    return (
-        f"{updates} model updates{extra} left {facts.hospital or 'this hospital'} for {', '.join(facts.destinations)} "
-        f"between {first} and {last} UTC; each update contained only {tensors} (clipped and noised by the gate), "
-        f"and every reply only the allow-listed, quantised metrics ({metrics}). At most "
-        f"{facts.max_bits_per_reply:,.0f} bits could be carried by any one reply, {facts.total_bits:,.0f} bits "
-        f"in total.{refused}"
-    )
-
-
-def render_report(ledger_folder: Path) -> str:
-    facts = read_facts(ledger_folder)
+def _environment() -> Environment:
     environment = Environment(
         loader=PackageLoader("fedgate.report", "templates"), autoescape=select_autoescape(["html"])
     )
-    policy = facts.policies[-1]["policy"] if facts.policies else None
-    return environment.get_template("report.html").render(
-        facts=facts,
-        sentence=summary_sentence(facts),
-        figures=figures(facts),
-        policy_json=json.dumps(policy, indent=2, sort_keys=True) if policy else "",
-        policy_hash=facts.policies[-1]["policy_hash"] if facts.policies else "",
-        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    environment.filters["bits"] = wording.bits_text
+    environment.filters["time"] = lambda text: str(text)[:19].replace("T", " ")
+    return environment
+
+
+def render_facts(facts: ReportFacts) -> str:
+    runs: list[dict[str, Any]] = [
+        {
+            "facts": run,
+            "sentence": wording.run_sentence(run),
+            "bound": wording.bound_sentence(run),
+            "fits": wording.what_fits(run.total_bits),
+            "isolation": wording.isolation_sentence(run),
+            "warnings": wording.run_warnings(run),
+            "categories": wording.categories_that_left(run),
+            "figures": run_figures(run),
+            "policy_json": json.dumps(run.policies[-1].policy, indent=2, sort_keys=True) if run.policies else "",
+        }
+        for run in facts.runs
+    ]
+    return (
+        _environment()
+        .get_template("report.html")
+        .render(
+            facts=facts,
+            runs=runs,
+            warnings=[w for run in runs for w in run["warnings"]],
+            sentence=wording.summary_sentence(facts),
+            generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        )
     )
 
 
-def write_hospital_reports(hospital_dirs: list[str]) -> list[Path]:
-    """One report for each hospital's data-protection officer, beside its ledger."""
-    return [write_report(Path(d), Path(d) / "report.html") for d in hospital_dirs]
+def render_report(
+    ledger_folder: Path,
+    *,
+    public_key: Path | bytes | None = None,
+    fingerprint: str | None = None,
+    trusted_head: SignedTreeHead | None = None,
+) -> str:
+    facts = read_facts(ledger_folder, public_key=public_key, fingerprint=fingerprint, trusted_head=trusted_head)
+    return render_facts(facts)
 
 
-def write_report(ledger_folder: Path, out: Path) -> Path:
-    html = render_report(ledger_folder)
+def write_report(
+    ledger_folder: Path,
+    out: Path,
+    *,
+    public_key: Path | bytes | None = None,
+    fingerprint: str | None = None,
+    trusted_head: SignedTreeHead | None = None,
+) -> Path:
+    html = render_report(ledger_folder, public_key=public_key, fingerprint=fingerprint, trusted_head=trusted_head)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")
     return out
+
+
+def write_hospital_reports(hospital_dirs: list[str]) -> list[Path]:
+    """One report for each hospital's data-protection officer, beside its ledger (a hospital
+    that never received an instruction has no ledger, and no report). Written by the node that
+    holds the key, so not pinned: the report says so, with the fingerprint to publish."""
+    return [
+        write_report(Path(d), Path(d) / "report.html")
+        for d in hospital_dirs
+        if (ledger_folder_of(Path(d)) / DB_FILE).is_file()
+    ]

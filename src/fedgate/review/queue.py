@@ -7,6 +7,7 @@ them in the ledger before the reply moves on."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -54,6 +55,11 @@ class ReviewItem:
     reviewer: str
     reason: str
     decided_at: str
+
+    @property
+    def payload_sha256(self) -> str:
+        """Of the payload as the queue holds it now (the page checks it against the ledger)."""
+        return hashlib.sha256(self.payload).hexdigest()
 
     @property
     def seconds_left(self) -> float:
