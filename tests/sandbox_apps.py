@@ -43,6 +43,23 @@ def train(msg: Message, context: Context) -> Message:
             if os.fork() == 0:
                 time.sleep(600)
             os._exit(0)
+    elif behaviour == "leave-scratch":  # a file in /tmp and /dev/shm for the next task to find
+        for root in ("/tmp", "/dev/shm"):
+            with open(f"{root}/left-behind", "w") as handle:
+                handle.write("from an earlier task")
+    elif behaviour == "find-scratch":
+        found = sum(os.path.exists(f"{root}/left-behind") for root in ("/tmp", "/dev/shm"))
+        return Message(RecordDict({"metrics": MetricRecord({"found": found})}), reply_to=msg)
+    elif behaviour == "fill-cache":
+        with open("/cache/decoded.bin", "wb") as handle:
+            handle.write(b"x" * 1000)
+        with open("/cache/tool", "wb") as handle:
+            handle.write(b"#!/bin/sh\n")
+        os.chmod("/cache/tool", 0o4755)
+        os.symlink("/etc/passwd", "/cache/link")
+    elif behaviour == "read-cache":
+        size = os.path.getsize("/cache/decoded.bin") if os.path.exists("/cache/decoded.bin") else -1
+        return Message(RecordDict({"metrics": MetricRecord({"size": size})}), reply_to=msg)
     elif behaviour == "count":  # how many tasks this process has seen: each task is a fresh process
         state = context.state.metric_records.get("seen", MetricRecord({"n": 0}))
         context.state["seen"] = MetricRecord({"n": int(state["n"]) + 1})

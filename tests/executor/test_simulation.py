@@ -115,9 +115,32 @@ def test_a_second_run_finds_halt_and_budget_where_the_first_left_them(tmp_path: 
     assert len(list((out / "runs").iterdir())) == 2
 
 
+def test_the_server_side_cannot_reach_the_hospitals_in_simulation(tmp_path: Path) -> None:
+    """Red-team finding: the research team's ServerApp, run by `fedgate run` on the hospital's
+    machine, read every hospital's signing key and rewrote its gate state. It now runs in a
+    sandbox of its own: no hospital folder, no network but its own loopback, no relay token."""
+    import socket as sockets
+
+    out = tmp_path / "run"
+    host_ip = sockets.gethostbyname(sockets.gethostname())
+    first = fedgate("run", "--hospitals", "1", "--rounds", "1", "-c", "subset=200", "--out", str(out))
+    assert first.returncode == 0, first.stdout + first.stderr  # hospital-0 exists, with its key
+    result = fedgate(
+        "run", "--hospitals", "1", "--rounds", "1", "--server-app", "evil_server_app:app", "--out", str(out),
+        "-c", "subset=200", "-c", f"probe-host={host_ip}",
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    escapes = json.loads((out / "runs" / str(summary["run_id"]) / "escapes.json").read_text())
+    assert all(value.startswith("held") for value in escapes.values()), escapes
+    assert not (out / "hospital-0" / "ledger" / "planted").exists()
+    verify_ledger(out / "hospital-0" / "ledger")
+
+
 def test_no_isolation_says_so_everywhere(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = fedgate("run", "--hospitals", "2", "--rounds", "1", "-c", "subset=200", "--no-isolation", "--out", str(out))
+    result = fedgate(
+        "run", "--hospitals", "2", "--rounds", "1", "-c", "subset=200", "--no-isolation", "--out", str(out)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "NOTHING IS ENFORCED" in result.stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -5,6 +5,7 @@ gate's own values, released at a slot the gate sets."""
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 
@@ -159,7 +160,8 @@ def test_release_time_is_a_slot_boundary_not_the_apps_compute_time() -> None:
         assert schedule(policy, arrived, ready).at == 1001.0
     assert schedule(policy, arrived, 1002.3).at == 1003.0
     late = schedule(policy, arrived, 1010.0)
-    assert late.late and late.at == 1008.0
+    assert late.late and late.at == 1016.0  # a fixed time, not when the late answer came
+    assert schedule(policy, arrived, 1013.7).at == 1016.0
 
 
 def test_compute_time_inside_a_slot_does_not_move_the_release(tmp_path: Path) -> None:
@@ -191,8 +193,8 @@ def test_a_reply_not_ready_by_the_last_slot_is_refused(tmp_path: Path) -> None:
 def test_every_reply_counts_its_timing_bits(tmp_path: Path) -> None:
     gate = gate_for(tmp_path, release=ReleasePolicy(slot_s=0.01, max_slots=64))
     out = through_gate(gate, instruction(), ATTACKS["config-record"])
-    assert out.decision.bound.refused().total == pytest.approx(1 + 6)
-    assert out.cumulative_bits == pytest.approx(7)
+    assert out.decision.bound.refused().total == pytest.approx(1 + math.log2(65))
+    assert out.cumulative_bits == pytest.approx(1 + math.log2(65))
 
 
 # -- the reply is a fresh object --------------------------------------------------------------
@@ -250,3 +252,14 @@ def test_a_halt_is_lifted_only_by_an_operator_and_that_is_on_record(tmp_path: Pa
     kinds = [e["kind"] for e in restarted.ledger.entries()]
     assert "gate-resumed" in kinds and restarted.ledger.entries()[kinds.index("gate-resumed")]["operator"] == "Dr IT"
     assert verify_ledger(tmp_path / "hospital-0" / "ledger").entries == len(kinds)
+
+
+def test_the_state_keeps_a_bounded_number_of_server_chosen_run_ids() -> None:
+    from fedgate.gate.state import RUNS_KEPT, GateState
+
+    state = GateState()
+    for run_id in range(RUNS_KEPT + 50):
+        state = GateState.from_json(state.with_policy(run_id, "p").after(run_id, 1.0, True, "m", True).to_json())
+    assert len(state.run_bits) == len(state.recorded_policies) == RUNS_KEPT
+    assert list(state.run_bits)[-1] == str(RUNS_KEPT + 49)  # the latest kept, the oldest dropped
+    assert state.cumulative_bits == RUNS_KEPT + 50  # the hospital-wide total never forgets

@@ -76,7 +76,7 @@ def test_honest_reply_is_rebuilt_with_canonical_metrics(tmp_path: Path) -> None:
     bound = out.decision.bound
     assert bound.update_bits == pytest.approx(c_eff**2 / (2 * 0.01**2 * math.log(2)))
     assert bound.metric_bits == pytest.approx(math.log2(1001) + math.log2(1000))
-    assert bound.timing_bits == pytest.approx(math.log2(gate.policy.release.max_slots))
+    assert bound.timing_bits == pytest.approx(math.log2(gate.policy.release.max_slots + 1))
     assert bound.total == pytest.approx(bound.update_bits + bound.metric_bits + 1 + bound.timing_bits)
 
 

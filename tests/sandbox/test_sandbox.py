@@ -74,7 +74,7 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def _worker(world: dict[str, Any], timeout_s: float = 60) -> SandboxWorker:
     limits = Limits(**{**CHECK_LIMITS.__dict__, "timeout_s": timeout_s})
-    spec = SandboxSpec(read_only=(), data_dir=world["data"], cache_dir=world["tmp"] / "cache", limits=limits)
+    spec = SandboxSpec(read_only=(), data_dir=world["data"], cache_seed=world["tmp"] / "cache", limits=limits)
     return SandboxWorker(spec, AppRef("sandbox_apps:app", (TESTS,)), world["tmp"] / "sandbox.log")
 
 
@@ -133,6 +133,24 @@ def test_each_task_is_a_fresh_process_and_state_comes_only_through_the_context(w
             metrics = message_from_bytes(outcome.reply).content["metrics"]
             pids.add(metrics["pid"])
         assert len(pids) == 3
+
+
+def test_the_kept_cache_comes_back_to_the_next_sandbox_as_plain_files(world: dict[str, Any]) -> None:
+    with _worker(world) as worker:
+        assert _task(worker, "fill-cache").ok
+    kept = world["tmp"] / "cache"
+    assert (kept / "decoded.bin").read_bytes() == b"x" * 1000
+    assert not (kept / "link").exists() and (kept / "tool").stat().st_mode & 0o7777 == 0o644
+    with _worker(world) as worker:  # a fresh sandbox (the node's next task) finds it in /cache
+        outcome = _task(worker, "read-cache")
+        assert message_from_bytes(outcome.reply).content["metrics"]["size"] == 1000
+
+
+def test_scratch_does_not_outlive_its_task(world: dict[str, Any]) -> None:
+    with _worker(world) as worker:
+        assert _task(worker, "leave-scratch").ok
+        outcome = _task(worker, "find-scratch")
+        assert message_from_bytes(outcome.reply).content["metrics"]["found"] == 0
 
 
 def test_output_goes_to_the_task_log_not_the_node(world: dict[str, Any], capfd: pytest.CaptureFixture[str]) -> None:

@@ -95,5 +95,5 @@ def run(
         command = command[1:]
     if not command:
         raise typer.BadParameter("give the command after --, e.g. fedgate sandbox run -- python -c 'print(1)'")
-    spec = sandbox_spec(load_policy(policy), data_dir=data, cache_dir=None, landlock=not no_landlock)
+    spec = sandbox_spec(load_policy(policy), data_dir=data, landlock=not no_landlock)
     sys.exit(run_command(spec, command))

@@ -12,6 +12,7 @@ around us (in simulation that is the process the research team's ServerApp runs 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -26,19 +27,22 @@ from typing import Any, Protocol, TypeVar
 from flwr.app import Context, RecordDict
 
 from fedgate.canonical import decimal_str
-from fedgate.errors import FedgateError
+from fedgate.errors import FedgateError, GateRefusal
 from fedgate.fab import FabRefused
 from fedgate.flower_adapter import (
     context_from_bytes,
     context_to_bytes,
+    message_from_bytes,
     message_to_bytes,
     recorddict_from_bytes,
     recorddict_to_bytes,
+    refusal,
 )
-from fedgate.gate.pipeline import AppOutcome, GatePipeline, Outcome
+from fedgate.gate.pipeline import GENERIC_REFUSAL, Admission, AppOutcome, GatePipeline, Outcome
+from fedgate.gate.release import wait_until
 from fedgate.policy import Policy
 from fedgate.sandbox.runner import AppRef, SandboxRefused, SandboxWorker
-from fedgate.sandbox.spec import Limits, SandboxError, SandboxSpec
+from fedgate.sandbox.spec import SANDBOX_UID, Limits, SandboxError, SandboxSpec, sandbox_uid
 
 log = logging.getLogger("fedgate.hospital")
 T = TypeVar("T")
@@ -80,10 +84,25 @@ def preload_for(sources: Path, limit: int = 500) -> tuple[str, ...]:
 
 
 STATE_MAX = 64 << 20  # a ClientApp's state between rounds: generous, but bounded
+RELEASE_SHARE = 0.9  # a task must answer within this share of the release horizon: the gate needs the rest
+
+
+def unrecorded_refusal(instruction: bytes, arrived: float, policy: Policy) -> bytes:
+    """The last resort when the ledger itself fails: the generic refusal, released at the last
+    slot after the instruction arrived (a time nothing of the task chose), nothing else."""
+    at = arrived + policy.release.horizon_s
+    wait_until(at)
+    return message_to_bytes(refusal(message_from_bytes(instruction), at, GENERIC_REFUSAL))
 
 
 def sandbox_spec(
-    policy: Policy, data_dir: Path | None, cache_dir: Path | None, landlock: bool = True, timeout_s: float | None = None
+    policy: Policy,
+    data_dir: Path | None,
+    cache_seed: Path | None = None,
+    landlock: bool = True,
+    timeout_s: float | None = None,
+    masks: tuple[Path, ...] = (),
+    host_uid: int = SANDBOX_UID,
 ) -> SandboxSpec:
     """The policy's [sandbox] settings as a sandbox. A task must be answered within the
     release horizon too (a reply later than the last slot could not leave anyway)."""
@@ -100,8 +119,8 @@ def sandbox_spec(
         timeout_s=timeout,
     )
     return SandboxSpec(
-        read_only=(), data_dir=data_dir, cache_dir=cache_dir if box.cache else None, limits=limits, landlock=landlock,
-        max_frame=box.max_frame_mb << 20,
+        read_only=(), data_dir=data_dir, cache=box.cache, cache_seed=cache_seed if box.cache else None, masks=masks,
+        limits=limits, landlock=landlock, max_frame=box.max_frame_mb << 20, host_uid=host_uid,
     )  # fmt: skip
 
 
@@ -119,6 +138,7 @@ class HospitalConfig:
     keep_worker: bool = True  # simulation: one sandbox per run; the node: a fresh one per task
     keep_state: bool = True  # simulation: the ClientApp's state stays here; the node: the SuperNode keeps it
     handlers: tuple[InstructionHandler, ...] = ()
+    masks: tuple[Path, ...] = ()  # folders the sandbox must not see even if under a bound path (the run folder)
     executor: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,6 +148,8 @@ class Hospital:
 
     def __init__(self, config: HospitalConfig) -> None:
         self.config = config
+        config.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config.folder.chmod(0o700)  # the hospital's ledger, keys, queue and logs: the node's user only
         self.gate = GatePipeline(config.policy, config.folder, config.name, config.destination)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fedgate-{config.name}")
         self._worker: SandboxWorker | None = None
@@ -184,21 +206,45 @@ class Hospital:
     ) -> tuple[bytes, bytes | None]:
         if self._stopping.is_set():
             raise SandboxError(f"{self.config.name} is stopping; the task was not started")
-        for handler in self.config.handlers:
-            if handler.handles(instruction):
-                return handler.run(self, instruction, context, arrived, app_source)
-        admission = self.gate.admit(instruction, arrived)
-        outcome, state = None, None
-        if admission.refusal is None:
-            outcome, state = self.sandboxed(instruction, context, admission.run_id, app_source)
-        return self._send(self.gate.conclude(admission, outcome), instruction), state
+        admission: Admission | None = None
+        try:
+            for handler in self.config.handlers:
+                if handler.handles(instruction):
+                    return handler.run(self, instruction, context, arrived, app_source)
+            admission = self.gate.admit(instruction, arrived)
+            outcome, state = None, None
+            if admission.refusal is None:
+                outcome, state = self.sandboxed(instruction, context, admission.run_id, app_source, arrived)
+            return self._send(self.gate.conclude(admission, outcome), instruction), state
+        except Exception as err:  # fail closed: a recorded refusal on a slot, never the error itself
+            return self._failed(instruction, arrived, admission, err), None
 
     def _gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> bytes:
-        admission = self.gate.admit(instruction, arrived)
-        isolation = {"mode": "no-isolation", "enforced": False, "layers": []}
-        outcome = AppOutcome(reply, error, "" if reply is not None else "client-error", isolation,
-                             dict(self.config.executor))  # fmt: skip
-        return self._send(self.gate.conclude(admission, outcome), instruction)
+        admission: Admission | None = None
+        try:
+            admission = self.gate.admit(instruction, arrived)
+            isolation = {"mode": "no-isolation", "enforced": False, "layers": []}
+            outcome = AppOutcome(reply, error, "" if reply is not None else "client-error", isolation,
+                                 dict(self.config.executor))  # fmt: skip
+            return self._send(self.gate.conclude(admission, outcome), instruction)
+        except Exception as err:
+            return self._failed(instruction, arrived, admission, err)
+
+    def _failed(self, instruction: bytes, arrived: float, admission: Admission | None, err: Exception) -> bytes:
+        """Anything that failed on a reply's path: recorded as a refusal (rule gate-error) and
+        released on a slot like any other reply. If even that fails (the ledger is broken), the
+        generic refusal leaves at a fixed time, the last slot, and nothing else does."""
+        log.exception("%s: the task failed on the gate's path; refusing it", self.config.name)
+        try:
+            if admission is None:
+                admission = self.gate.admit(instruction, arrived)
+            if admission.refusal is None:
+                detail = f"{type(err).__name__}: {err}"[:500]
+                admission = dataclasses.replace(admission, refusal=GateRefusal("gate-error", detail))
+            return self._send(self.gate.conclude(admission, None), instruction)
+        except Exception:
+            log.exception("%s: the refusal could not be recorded either", self.config.name)
+            return unrecorded_refusal(instruction, arrived, self.config.policy)
 
     def _send(self, outcome: Outcome, instruction: bytes) -> bytes:
         if outcome.message is None:  # the instruction's own bytes were unreadable
@@ -207,7 +253,11 @@ class Hospital:
 
     # -- the sandbox -------------------------------------------------------------------------------
 
-    def _cache_dir(self, app: AppRef, run_id: int, fab: str) -> Path:
+    def _cache_seed(self, app: AppRef, run_id: int, fab: str) -> Path | None:
+        """Where the cache of this (app, run) is kept between tasks: only the node needs one (a
+        fresh sandbox per task); in simulation the sandbox, and its /cache tmpfs, lives for the run."""
+        if self.config.keep_worker:
+            return None
         digest = fab or hashlib.sha256(f"{app.reference}|{sorted(map(str, app.paths))}".encode()).hexdigest()
         return self.config.folder / "cache" / f"{digest[:16]}-{run_id}"
 
@@ -217,8 +267,10 @@ class Hospital:
             self._worker.stop()
             self._worker = None
         if self._worker is None:
-            spec = sandbox_spec(self.config.policy, self.config.data_dir, self._cache_dir(app, run_id, fab),
-                                self.config.landlock)  # fmt: skip
+            spec = sandbox_spec(
+                self.config.policy, self.config.data_dir, self._cache_seed(app, run_id, fab), self.config.landlock,
+                masks=self.config.masks, host_uid=sandbox_uid(str(self.config.folder)),
+            )  # fmt: skip
             name = f"sandbox-run-{run_id}.log" if self.config.keep_worker else f"task-{time.time_ns()}.log"
             worker = SandboxWorker(spec, app, self.config.folder / "logs" / str(run_id) / name, self.config.preload,
                                    self.config.policy.sandbox.allow_downgrade)  # fmt: skip
@@ -227,8 +279,15 @@ class Hospital:
         return self._worker
 
     def sandboxed(
-        self, instruction: bytes, context: bytes, run_id: int, app_source: AppSource | None
+        self,
+        instruction: bytes,
+        context: bytes,
+        run_id: int,
+        app_source: AppSource | None,
+        arrived: float | None = None,
     ) -> tuple[AppOutcome, bytes | None]:
+        """The app in this hospital's sandbox: (outcome, the ClientApp's new context state). Its
+        deadline runs from the instruction's arrival, so the answer is in before the last slot."""
         executor = dict(self.config.executor)
         none = {"mode": "not-run", "enforced": True, "layers": []}  # refused before any app code ran
         try:
@@ -247,7 +306,10 @@ class Hospital:
                               executor), None  # fmt: skip
         layers = worker.isolation.to_json() if worker.isolation else {"enforced": False, "layers": []}
         isolation = {"mode": "downgraded" if layers.get("downgraded") else "sandbox", **layers}
-        result = worker.run(instruction, self._task_context(context))
+        policy = self.config.policy
+        deadline = (time.time() if arrived is None else arrived) + policy.release.horizon_s * RELEASE_SHARE
+        timeout = max(1.0, min(policy.sandbox.timeout_s, deadline - time.time()))
+        result = worker.run(instruction, self._task_context(context), timeout)
         usage = {k: decimal_str(float(v)) for k, v in result.usage.items()}
         executor["sandbox"] = {"rule": result.rule, "seconds": decimal_str(result.seconds, 4), "usage": usage}
         if not self.config.keep_worker:
@@ -273,7 +335,7 @@ class Hospital:
             return None
         try:
             state = recorddict_from_bytes(recorddict_to_bytes(context_from_bytes(context).state))
-        except ValueError:
+        except Exception:  # whatever the bytes make the decoder raise: the state is dropped
             log.warning("%s: the ClientApp's context could not be read; its state was dropped", self.config.name)
             return None
         if self.config.keep_state:

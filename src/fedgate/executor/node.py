@@ -132,6 +132,7 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
         HospitalConfig(
             name=name, folder=config.hospital_dir, policy=config.policy, destination=config.destination,
             data_dir=config.data_dir, landlock=config.landlock, preload=(), keep_worker=False, keep_state=False,
+            masks=(config.hospital_dir,),
             executor={"executor": "fedgate-node", **facts},
         )
     )  # fmt: skip

@@ -32,8 +32,9 @@ from fedgate.executor.relay import RelayServer, hospital_name
 from fedgate.executor.summary import write_summary
 from fedgate.flower_adapter import new_run_id
 from fedgate.policy import Policy
-from fedgate.sandbox.runner import AppRef
-from fedgate.sandbox.spec import SandboxError, package_dir
+from fedgate.sandbox.bwrap import sandbox_argv
+from fedgate.sandbox.runner import AppRef, sandbox_env
+from fedgate.sandbox.spec import Limits, SandboxError, SandboxSpec, package_dir, sandbox_uid
 
 REFERENCE_CLIENT_APP = "fedgate_medical.client_app:app"
 REFERENCE_SERVER_APP = "fedgate_medical.server_app:app"
@@ -88,16 +89,19 @@ def app_config_keys(module: str) -> set[str] | None:
     return None
 
 
-def check_config_keys(module: str, config: Mapping[str, object]) -> None:
-    known = app_config_keys(module)
-    if known is None:
+def check_config_keys(modules: list[str], config: Mapping[str, object]) -> None:
+    """-c keys must be ones the apps declare (both halves read the same run config); an app
+    without a [tool.flwr.app.config] table gives nothing to check against."""
+    declared = [app_config_keys(module) for module in modules]
+    if any(keys is None for keys in declared):
         return
+    known = set().union(*(keys for keys in declared if keys is not None))
     unknown = sorted(set(config) - known)
     if unknown:
         import difflib
 
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
-        raise FedgateError(f"unknown -c key(s) for {module}: {', '.join(hints)}; known: {', '.join(sorted(known))}")
+        raise FedgateError(f"unknown -c key(s): {', '.join(hints)}; the apps declare: {', '.join(sorted(known))}")
 
 
 def _app_ref(reference: str) -> tuple[AppRef, Path]:
@@ -122,7 +126,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
     out_dir = spec.out_dir.resolve()
     mode = check_out_dir(out_dir)
     app, sources = _app_ref(spec.client_app)
-    check_config_keys(spec.client_app.partition(":")[0], spec.run_config)
+    check_config_keys([spec.client_app.partition(":")[0], spec.server_app.partition(":")[0]], spec.run_config)
     run_id = new_run_id()
     run_dir = out_dir / RUNS_DIR / str(run_id)
     run_dir.mkdir(parents=True)
@@ -154,7 +158,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                     HospitalConfig(
                         name=name, folder=out_dir / name, policy=spec.policy, destination=SIMULATION_DESTINATION,
                         data_dir=spec.data_dir, app=app, isolation=spec.isolation, landlock=spec.landlock,
-                        preload=preload_for(sources),
+                        preload=preload_for(sources), masks=(out_dir,),
                         executor={"executor": "fedgate-simulation", "client_app": spec.client_app},
                     )
                 )  # fmt: skip
@@ -212,19 +216,57 @@ def _simulate(
         "ray_dir": ray_dir,
         "verbose": spec.verbose,
     }
-    spec_path = run_dir / "simulation.json"
-    spec_path.write_text(json.dumps(sim_spec, indent=2))
-    env = {**os.environ, "FEDGATE_RELAY_TOKEN": token, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    sandbox, argv, env = _server_side(spec, run_dir, relay, sim_spec, token)
     with (run_dir / "simulation.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedgate.executor.simulation_process", str(spec_path)],
+            argv,
             stdout=None if spec.verbose else log,
             stderr=None if spec.verbose else log,
             env=env,
+            pass_fds=sandbox,
             start_new_session=True,  # Ctrl-C reaches this process, which stops that one cleanly
         )
+        for fd in sandbox:
+            os.close(fd)
         with RoundPrinter(run_dir / METRICS_FILE, spec.rounds, console, started):
             return proc.wait()
+
+
+def _server_side(
+    spec: RunSpec, run_dir: Path, relay: RelayServer, sim_spec: dict[str, Any], token: str
+) -> tuple[tuple[int, ...], list[str], dict[str, str] | None]:
+    """The research team's server side (Flower's engine, the ServerApp, Ray) in a sandbox of
+    its own: a network namespace with only loopback (Ray's ports are unreachable from outside),
+    the hospitals' folders hidden, its own unprivileged uid, writes only to this run's folder
+    and the relay's. It keeps sockets (Ray needs them), so no seccomp filter."""
+    out_dir = run_dir.parents[1]
+    apps = [package_dir(spec.server_app.partition(":")[0])]
+    if spec.isolation == "none":
+        apps.append(package_dir(spec.client_app.partition(":")[0]))
+    sim_spec = {**sim_spec, "paths": [str(p.parent) for p in apps], "ray_dir": "/tmp/ray"}
+    spec_path = run_dir / "simulation.json"
+    spec_path.write_text(json.dumps(sim_spec, indent=2))
+    command = [sys.executable, "-m", "fedgate.executor.simulation_process", str(spec_path)]
+    host_uid = sandbox_uid(f"server:{out_dir}")
+    limits = Limits(memory_mb=1 << 20, processes=1 << 16, cpu_seconds=1 << 30, scratch_mb=4096, shm_mb=4096,
+                    cache_mb=1, file_size_mb=1 << 16, open_files=1 << 16, timeout_s=1e9)  # fmt: skip
+    data = (spec.data_dir,) if spec.data_dir is not None else ()
+    server = SandboxSpec(read_only=(*apps, *data), cache=False, masks=(out_dir,), limits=limits,
+                         writable=(run_dir, relay.path.parent), seccomp=False, host_uid=host_uid)  # fmt: skip
+    env = {**sandbox_env(), "FEDGATE_RELAY_TOKEN": token, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+           "FEDGATE_CACHE": "/tmp/cache"}  # fmt: skip
+    try:
+        argv = sandbox_argv(server, command, env, -1, os.geteuid() == 0)
+    except SandboxError as err:
+        Console(stderr=True).print(f"[bold red]the ServerApp runs unsandboxed: {err}[/]")
+        plain = {**os.environ, "FEDGATE_RELAY_TOKEN": token, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+        sim_spec["ray_dir"] = tempfile.mkdtemp(prefix="fg-ray-")
+        spec_path.write_text(json.dumps(sim_spec, indent=2))
+        return (), command, plain
+    if os.geteuid() == 0:
+        for path in (run_dir, relay.path.parent, relay.path):
+            os.chown(path, host_uid, host_uid)
+    return (), argv, None
 
 
 def _shut_down(relay: RelayServer | None, hospitals: Mapping[str, Hospital], started: Started) -> list[int]:

@@ -26,6 +26,8 @@ from fedgate.flower_adapter import run_simulation
 
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    sys.path[:0] = [str(p) for p in spec.get("paths", [])]
+    token = os.environ.pop("FEDGATE_RELAY_TOKEN")  # before any of the research team's code is imported
     verbose = bool(spec["verbose"])
     level = logging.DEBUG if verbose else logging.WARNING
     logging.getLogger("flwr").setLevel(level)
@@ -36,9 +38,8 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     client_app = RelayClientApp(
-        spec["relay"], os.environ.pop("FEDGATE_RELAY_TOKEN"), spec["run_config"], int(spec["max_frame"]),
-        inner=spec.get("inner"),
-    )  # fmt: skip
+        spec["relay"], token, spec["run_config"], int(spec["max_frame"]), inner=spec.get("inner")
+    )
     try:
         run_simulation(
             client_app=client_app,

@@ -1,7 +1,9 @@
 """When a reply leaves. The gate, not the ClientApp, sets it: replies are released only at
 slot boundaries counted from the instruction's arrival, so the ClientApp's compute time (or
-a deliberate delay) moves the release by whole slots at most, over at most `max_slots`
-possible times — log2(max_slots) bits per reply, counted in the bound."""
+a deliberate delay) moves the release by whole slots at most. A reply not ready by the last
+slot is refused, and that refusal leaves at one more fixed time, twice the horizon after the
+arrival — not when the late answer came. So `max_slots + 1` possible times:
+log2(max_slots + 1) bits per reply, counted in the bound."""
 
 from __future__ import annotations
 
@@ -34,9 +36,9 @@ class Release:
 
 def schedule(policy: ReleasePolicy, arrived: float, ready: float) -> Release:
     slot = max(1, math.ceil((ready - arrived) / policy.slot_s))
-    late = slot > policy.max_slots
-    slot = min(slot, policy.max_slots)
-    return Release(arrived, ready, slot, arrived + slot * policy.slot_s, late)
+    if slot > policy.max_slots:
+        return Release(arrived, ready, policy.max_slots + 1, arrived + 2 * policy.horizon_s, True)
+    return Release(arrived, ready, slot, arrived + slot * policy.slot_s, False)
 
 
 def wait_until(moment: float) -> None:

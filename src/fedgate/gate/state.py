@@ -16,6 +16,7 @@ from typing import Any
 from fedgate.canonical import decimal_str
 
 SCHEMA = 1
+RUNS_KEPT = 256  # per-run figures for the latest runs only: run ids are the server's to choose, state is ours
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,9 @@ class GateState:
     recorded_policies: dict[str, str] = field(default_factory=dict)  # run id -> policy hash in the ledger
 
     def with_policy(self, run_id: int, policy_hash: str) -> GateState:
-        return dataclasses.replace(self, recorded_policies={**self.recorded_policies, str(run_id): policy_hash})
+        recorded = {k: v for k, v in self.recorded_policies.items() if k != str(run_id)}
+        recorded[str(run_id)] = policy_hash
+        return dataclasses.replace(self, recorded_policies=dict(list(recorded.items())[-RUNS_KEPT:]))
 
     def gate_round(self, manifest: str) -> int:
         """The round this train reply is, for this model, by the gate's own count (1-based)."""
@@ -54,7 +57,8 @@ class GateState:
         if counts_round and manifest:
             rounds[manifest] = rounds.get(manifest, 0) + 1
         run_bits = dict(self.run_bits)
-        run_bits[str(run_id)] = run_bits.get(str(run_id), 0.0) + bits
+        run_bits[str(run_id)] = run_bits.pop(str(run_id), 0.0) + bits  # re-inserted: the latest last
+        run_bits = dict(list(run_bits.items())[-RUNS_KEPT:])
         return dataclasses.replace(
             self,
             cumulative_bits=self.cumulative_bits + bits,
@@ -77,8 +81,9 @@ class GateState:
             "halt_reason": self.halt_reason,
             "pinned_manifest": self.pinned_manifest,
             "rounds": dict(self.rounds),
-            "run_bits": {k: decimal_str(v, 17) for k, v in self.run_bits.items()},
-            "recorded_policies": dict(self.recorded_policies),
+            # lists, not objects: canonical JSON sorts keys, and the order (latest last) matters
+            "run_bits": [[k, decimal_str(v, 17)] for k, v in self.run_bits.items()],
+            "recorded_policies": [[k, v] for k, v in self.recorded_policies.items()],
         }
 
     @classmethod
@@ -95,6 +100,6 @@ class GateState:
             halt_reason=str(data["halt_reason"]),
             pinned_manifest=str(data["pinned_manifest"]),
             rounds={str(k): int(v) for k, v in dict(data["rounds"]).items()},
-            run_bits={str(k): float(v) for k, v in dict(data["run_bits"]).items()},
-            recorded_policies={str(k): str(v) for k, v in dict(data.get("recorded_policies", {})).items()},
+            run_bits={str(k): float(v) for k, v in data["run_bits"]},
+            recorded_policies={str(k): str(v) for k, v in data["recorded_policies"]},
         )

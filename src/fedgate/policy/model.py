@@ -93,15 +93,16 @@ class SandboxPolicy:
 class ReleasePolicy:
     """[release]: when a reply may leave. Its release time is the only thing about timing the
     server sees, so the gate sets it: the first of `max_slots` slots of `slot_s` seconds after
-    the instruction arrived by which the reply is ready (a reply not ready by the last slot is
-    refused then). The bound counts log2(max_slots) bits per reply for it."""
+    the instruction arrived by which the reply is ready; a reply not ready by the last slot is
+    refused, released at one more fixed time. The bound counts log2(max_slots + 1) bits per
+    reply for timing."""
 
     slot_s: float = 0.5
     max_slots: int = 1024
 
     @property
     def bits(self) -> float:
-        return math.log2(self.max_slots)
+        return math.log2(self.max_slots + 1)
 
     @property
     def horizon_s(self) -> float:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedgate.sandbox.spec import (
     CACHE,
+    CACHE_SEED,
     SANDBOX_GID,
     SANDBOX_UID,
     SCRATCH,
@@ -93,13 +94,35 @@ def inner_argv(
     argv += ["--size", str(limits.scratch_mb << 20), "--tmpfs", SCRATCH]
     argv += ["--size", str(limits.shm_mb << 20), "--tmpfs", SHM]
     argv += _system(system_paths())
-    argv += _binds(read_only_paths(spec), "--ro-bind")
-    if spec.cache_dir is not None:
-        argv += ["--bind", str(spec.cache_dir), CACHE]
+    bound = read_only_paths(spec)
+    argv += _binds(bound, "--ro-bind")
+    argv += _masks(spec.masks, bound)
+    if spec.cache:
+        argv += ["--size", str(limits.cache_mb << 20), "--tmpfs", CACHE]
+    if spec.cache_seed is not None:
+        argv += ["--ro-bind", str(spec.cache_seed), CACHE_SEED]
+    argv += _binds(spec.writable, "--bind")
     # The root tmpfs and /dev's tmpfs would otherwise be writable without a size limit.
-    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
-    argv += ["--chdir", SCRATCH, "--seccomp", str(seccomp_fd), "--", *command]
-    return argv
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", SCRATCH]
+    if spec.seccomp:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return [*argv, "--", *command]
+
+
+def _masks(masks: Iterable[Path], bound: Sequence[Path]) -> list[str]:
+    """Hide each mask (say, the run folder with every hospital's ledger) behind an empty,
+    read-only tmpfs when it lies under a bound path, then bind back what must stay visible
+    beneath it (the data folder, an installed app)."""
+    args: list[str] = []
+    for mask in masks:
+        mask = Path(os.path.realpath(mask))
+        if not any(mask == b or b in mask.parents for b in bound):
+            continue
+        args += ["--tmpfs", str(mask), "--remount-ro", str(mask)]
+        for path in bound:
+            if mask in path.parents:
+                args += ["--ro-bind", str(path), str(path)]
+    return args
 
 
 def _parents(paths: Iterable[Path]) -> list[str]:
@@ -118,22 +141,23 @@ def _parents(paths: Iterable[Path]) -> list[str]:
 
 def outer_argv(spec: SandboxSpec, inner: Sequence[str], bwrap: str = "bwrap", setpriv: str = "setpriv") -> list[str]:
     """Root only: stage the inner sandbox's paths, then drop to the sandbox uid."""
-    staged = [*read_only_paths(spec), *(p for p in system_paths() if not p.is_symlink())]
-    if spec.cache_dir is not None:
-        staged.append(spec.cache_dir)
+    staged = [*read_only_paths(spec), *(p for p in system_paths() if not p.is_symlink()), *spec.writable]
+    if spec.cache_seed is not None:
+        staged.append(spec.cache_seed)
     argv = [bwrap, "--die-with-parent", "--bind", "/proc", "/proc", "--dev", "/dev"]
     argv += ["--size", str(1 << 20), "--tmpfs", "/tmp"]  # the inner bwrap builds its root here
     argv += _parents(staged)
     argv += _system(system_paths())
     argv += _binds(read_only_paths(spec), "--ro-bind")
-    if spec.cache_dir is not None:
-        argv += ["--bind", str(spec.cache_dir), str(spec.cache_dir)]
+    if spec.cache_seed is not None:
+        argv += ["--ro-bind", str(spec.cache_seed), str(spec.cache_seed)]
+    argv += _binds(spec.writable, "--bind")
     argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
     argv += [
         "--",
         setpriv,
-        f"--reuid={SANDBOX_UID}",
-        f"--regid={SANDBOX_GID}",
+        f"--reuid={spec.host_uid}",
+        f"--regid={spec.host_uid}",
         "--clear-groups",
         "--inh-caps=-all",
         "--bounding-set=-all",

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedgate.sandbox import escapes, procs
 from fedgate.sandbox.runner import AppRef, Isolation, SandboxWorker
-from fedgate.sandbox.spec import SCRATCH, SHM, Limits, SandboxSpec
+from fedgate.sandbox.spec import CACHE, SCRATCH, SHM, Limits, SandboxSpec
 
 CHECK_LIMITS = Limits(
     memory_mb=1024,
@@ -212,6 +212,7 @@ class World:
             "memory_limit_mb": CHECK_LIMITS.memory_mb,
             f"disk_limit_mb:{SCRATCH}": CHECK_LIMITS.scratch_mb,
             f"disk_limit_mb:{SHM}": CHECK_LIMITS.shm_mb,
+            f"disk_limit_mb:{CACHE}": CHECK_LIMITS.cache_mb,
         }
 
     def __exit__(self, *exc: object) -> None:
@@ -259,8 +260,8 @@ def run_check(
                 outside[attempt.name] = ("worked" if worked else "failed", detail)
                 world.restore_data()
         before = world.data_state()
-        spec = SandboxSpec(read_only=(), data_dir=world.data_dir, cache_dir=world.cache_dir, limits=CHECK_LIMITS,
-                           landlock=landlock)  # fmt: skip
+        spec = SandboxSpec(read_only=(), data_dir=world.data_dir, cache_seed=world.cache_dir, limits=CHECK_LIMITS,
+                           landlock=landlock, masks=(world.hospital_dir,))  # fmt: skip
         log_path = root / "sandbox.log"
         worker = SandboxWorker(spec, AppRef("fedgate.sandbox.escapes:app", ()), log_path)
         stack.callback(worker.stop)
@@ -277,6 +278,7 @@ def run_check(
             "sysv-shm": world.shm_bytes().strip(b"\0") != b"",
             "write-data": world.data_state() != before,
             "daemon": bool(leftovers),
+            "cache-plants-on-host": _unsafe_files(world.cache_dir),
             "stdout-marker": marker not in log_path.read_text(errors="replace"),
         }
         for attempt in escapes.ATTEMPTS:
@@ -305,6 +307,15 @@ def run_check(
                          "ESCAPED" if after else "held", f"left: {after}" if after else "none (checked from the host)")
             )  # fmt: skip
     return report
+
+
+def _unsafe_files(folder: Path) -> bool:
+    """Anything in the host copy of the cache that the sandbox chose the kind or mode of."""
+    for path in folder.rglob("*") if folder.is_dir() else []:
+        info = path.lstat()
+        if path.is_symlink() or (info.st_mode & 0o7022) or not (path.is_file() or path.is_dir()):
+            return True
+    return False
 
 
 def _row(attempt: escapes.Attempt, outside: str, escaped: bool | None, detail: str) -> CheckRow:

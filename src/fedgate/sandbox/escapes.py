@@ -10,6 +10,7 @@ The ClientApp at the bottom plays them inside the sandbox and answers with a Met
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -134,6 +135,20 @@ def sysv_msg(world: dict[str, Any]) -> bool:
     return True
 
 
+def memfd(world: dict[str, Any]) -> bool:
+    """Memory in an unmapped memfd is invisible to RLIMIT_AS and to a monitor of mapped memory."""
+    fd = os.memfd_create("bomb")
+    os.close(fd)
+    return True
+
+
+def sysv_shm_create(world: dict[str, Any]) -> bool:
+    """A SysV segment outlives the process that made it (until its IPC namespace ends)."""
+    shmid = _check(_libc.shmget(0, 1 << 20, IPC_CREAT | 0o600), "shmget")
+    _libc.shmctl(shmid, IPC_RMID, None)
+    return True
+
+
 def posix_mqueue(world: dict[str, Any]) -> bool:
     _libc.mq_open.restype = ctypes.c_int
     fd = _check(_libc.mq_open(str(world["mqueue"]).encode(), os.O_WRONLY), "mq_open")
@@ -213,6 +228,21 @@ def read_other_cache(world: dict[str, Any]) -> bool:
     """Another run's (or another app's) cache folder: never visible."""
     Path(str(world["other_cache_file"])).read_bytes()
     return True
+
+
+def cache_plants_on_host(world: dict[str, Any]) -> bool:
+    """Files in the cache the host keeps for the next task: a setuid program, a world-writable
+    folder, a symlink to a host file. The host checks what it wrote: plain files and folders,
+    its own modes."""
+    cache = Path("/cache")
+    target = cache / "suid-tool"
+    target.write_bytes(b"#!/bin/sh\nid\n")
+    os.chmod(target, 0o6777)
+    (cache / "drop").mkdir(exist_ok=True)
+    os.chmod(cache / "drop", 0o777)
+    with contextlib.suppress(FileExistsError):
+        os.symlink("/etc/shadow", cache / "shadow")
+    return False  # judged from the host after the task
 
 
 def write_root(world: dict[str, Any]) -> bool:
@@ -440,6 +470,8 @@ ATTEMPTS: tuple[Attempt, ...] = (
     Attempt("sysv-shm", "ipc", sysv_shm, about="write into the host's SysV shared memory by key"),
     Attempt("sysv-msg", "ipc", sysv_msg, about="open the host's SysV message queue by key"),
     Attempt("posix-mqueue", "ipc", posix_mqueue, about="open the host's POSIX message queue"),
+    Attempt("memfd", "limits", memfd, about="memory in a memfd (invisible to address-space limits)"),
+    Attempt("sysv-shm-create", "limits", sysv_shm_create, about="a SysV segment that outlives its process"),
     Attempt("read-secret", "files", read_secret, about="read a file of the hospital's (a key)"),
     Attempt("list-hospital", "files", list_hospital, about="list the hospital's folder"),
     Attempt("read-other-cache", "files", read_other_cache, about="read another run's cache"),
@@ -450,6 +482,13 @@ ATTEMPTS: tuple[Attempt, ...] = (
     Attempt("utime-data", "files", utime_data, about="change a data file's times"),
     Attempt("chmod-interpreter", "files", chmod_interpreter, outside=False, about="setuid bit on the Python binary"),
     Attempt("setuid-honoured", "files", setuid_in_scratch, outside=False, about="a setuid file that would work"),
+    Attempt(
+        "cache-plants-on-host",
+        "files",
+        cache_plants_on_host,
+        outside=False,
+        about="plant setuid files, links, 0777 folders through the kept cache",
+    ),
     Attempt("write-root", "files", write_root, outside=False, about="write a file at /"),
     Attempt("write-proc-sys", "files", write_proc_sys, outside=False, about="write a kernel setting in /proc/sys"),
     Attempt("signal-node", "processes", signal_node, about="send a signal to the node"),
@@ -476,6 +515,7 @@ LIMIT_ATTEMPTS: tuple[Attempt, ...] = (
     Attempt("fork-bomb", "limits", fork_bomb, outside=False, about="fork past the process limit"),
     Attempt("disk-bomb-scratch", "limits", disk_bomb("/tmp"), outside=False, about="fill the scratch folder"),
     Attempt("disk-bomb-shm", "limits", disk_bomb("/dev/shm"), outside=False, about="fill shared memory"),
+    Attempt("disk-bomb-cache", "limits", disk_bomb("/cache"), outside=False, about="fill the kept cache"),
     Attempt("memory-bomb", "limits", memory_bomb, outside=False, about="fork past the memory limit"),
 )
 BY_NAME = {attempt.name: attempt for attempt in (*ATTEMPTS, *LIMIT_ATTEMPTS)}

@@ -12,8 +12,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -26,7 +29,7 @@ from fedgate.sandbox import procs
 from fedgate.sandbox.bwrap import sandbox_argv
 from fedgate.sandbox.cgroup import TreeCgroup
 from fedgate.sandbox.seccomp import denied_syscalls, filter_fd
-from fedgate.sandbox.spec import CACHE, SANDBOX_UID, SCRATCH, SandboxError, SandboxSpec
+from fedgate.sandbox.spec import CACHE, SCRATCH, SandboxError, SandboxSpec
 from fedgate.sandbox.wire import WireError, nothing_pending, recv_bytes, recv_json, send_bytes, send_json
 
 log = logging.getLogger("fedgate.sandbox")
@@ -34,6 +37,7 @@ log = logging.getLogger("fedgate.sandbox")
 READY_KEYS = frozenset({"layers", "pid", "fds", "landlock_abi"})
 RESULT_KEYS = frozenset({"task", "ok", "error", "rule"})
 REQUIRED = ("namespaces", "privileges", "seccomp", "limits", "network", "mounts", "descriptors")
+CACHE_NAME = re.compile(r"[A-Za-z0-9._+-]{1,128}")
 GRACE_S = 5.0  # the worker's own deadline fires first; the host's a little later
 START_TIMEOUT_S = 300.0  # importing torch on a loaded two-core machine has taken a minute
 
@@ -93,12 +97,10 @@ def _downgraded_env(spec: SandboxSpec) -> dict[str, str]:
     import tempfile
 
     scratch = tempfile.mkdtemp(prefix="fedgate-downgraded-")
-    env = {**_env(), "HOME": scratch, "TMPDIR": scratch}
-    env["FEDGATE_CACHE"] = str(spec.cache_dir) if spec.cache_dir is not None else scratch
-    return env
+    return {**sandbox_env(), "HOME": scratch, "TMPDIR": scratch, "FEDGATE_CACHE": scratch}
 
 
-def _env() -> dict[str, str]:
+def sandbox_env() -> dict[str, str]:
     return {
         "HOME": SCRATCH,
         "TMPDIR": SCRATCH,
@@ -149,16 +151,14 @@ class SandboxWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         as_root = os.geteuid() == 0
-        if self.spec.cache_dir is not None:
-            self.spec.cache_dir.mkdir(parents=True, exist_ok=True)
-            if as_root:
-                os.chown(self.spec.cache_dir, SANDBOX_UID, SANDBOX_UID)
+        if self.spec.cache_seed is not None:
+            self.spec.cache_seed.mkdir(parents=True, exist_ok=True, mode=0o755)
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         command = [sys.executable, "-I", "-B", "-m", "fedgate.sandbox.worker", str(to_r), str(from_w)]
         spec = dataclasses.replace(self.spec, read_only=(*self.spec.read_only, *self.app.paths))
         fds = [to_r, from_w]
-        env = _env()
+        env = sandbox_env()
         downgraded = ""
         try:
             try:
@@ -197,6 +197,8 @@ class SandboxWorker:
                     "landlock": self.spec.landlock,
                     "limits": self.spec.limits.to_json(),
                     "max_frame": self.spec.max_frame,
+                    "sandboxed": not downgraded,
+                    "snapshot_cache": self.spec.cache_seed is not None and self.spec.cache,
                 },
             )
             ready = recv_json(self._from_worker, time.monotonic() + START_TIMEOUT_S, keys=READY_KEYS)
@@ -330,6 +332,8 @@ class SandboxWorker:
             frames = (
                 [recv_bytes(self._from_worker, self.spec.max_frame, deadline) for _ in range(2)] if result["ok"] else []
             )
+            if self.spec.cache_seed is not None and self.spec.cache:
+                self._keep_cache(deadline)
         except (WireError, OSError) as err:
             monitor.stop()
             violation = monitor.violation
@@ -353,6 +357,34 @@ class SandboxWorker:
             return TaskOutcome(None, None, str(result["error"]), str(result["rule"]), seconds, monitor.peak)
         self._mark(f"task {task}: answered in {seconds:.1f} s")
         return TaskOutcome(frames[0], frames[1], "", "", seconds, monitor.peak)
+
+    def _keep_cache(self, deadline: float) -> None:
+        """The worker's snapshot of /cache, written to the host folder by us: regular files,
+        plain names, mode 0644 in 0755 folders (never the sandbox's modes, links or setuid bits),
+        at most the cache's size, replacing the folder's old contents."""
+        assert self.spec.cache_seed is not None
+        index = recv_json(self._from_worker, deadline, keys=frozenset({"files"}))["files"]
+        data = recv_bytes(self._from_worker, self.spec.limits.cache_mb << 20, deadline)
+        if not isinstance(index, list) or sum(int(size) for _, size in index) != len(data):
+            raise WireError("the cache snapshot does not add up")
+        staging = Path(tempfile.mkdtemp(prefix=".cache-", dir=self.spec.cache_seed.parent))
+        staging.chmod(0o755)  # the sandbox's uid reads it at /cache-seed next time
+        offset = 0
+        for name, size in index:
+            parts = Path(str(name)).parts
+            if not parts or len(parts) > 16 or not all(CACHE_NAME.fullmatch(p) and p not in (".", "..") for p in parts):
+                raise WireError(f"the cache snapshot names {str(name)[:80]!r}")
+            target = staging.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data[offset : offset + int(size)])
+            offset += int(size)
+        old = self.spec.cache_seed.with_name(self.spec.cache_seed.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.spec.cache_seed, old)
+        os.replace(staging, self.spec.cache_seed)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _mark(self, text: str) -> None:
         if self._log is not None:
@@ -440,15 +472,11 @@ def run_command(spec: SandboxSpec, command: Sequence[str], timeout_s: float | No
     import json
 
     as_root = os.geteuid() == 0
-    if spec.cache_dir is not None:
-        spec.cache_dir.mkdir(parents=True, exist_ok=True)
-        if as_root:
-            os.chown(spec.cache_dir, SANDBOX_UID, SANDBOX_UID)
     seccomp = filter_fd()
     inner = [sys.executable, "-I", "-B", "-m", "fedgate.sandbox.enter", "1" if spec.landlock else "0",
              json.dumps(spec.limits.to_json()), "--", *command]  # fmt: skip
     try:
-        proc = subprocess.Popen(sandbox_argv(spec, inner, _env(), seccomp, as_root), pass_fds=(seccomp,),
+        proc = subprocess.Popen(sandbox_argv(spec, inner, sandbox_env(), seccomp, as_root), pass_fds=(seccomp,),
                                 start_new_session=True)  # fmt: skip
     finally:
         os.close(seccomp)

@@ -108,6 +108,11 @@ DENIALS: tuple[Denial, ...] = (
         ("settimeofday", "clock_settime", "clock_adjtime", "adjtimex"),
         "the host's clock belongs to the host (the ledger's times come from it)",
     ),
+    Denial(
+        ("memfd_create", "memfd_secret", "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl"),
+        "memory that neither the address-space limit nor the tree monitor sees (an unmapped memfd, SysV "
+        "segments that outlive their process); without a delegated memory cgroup nothing else would bound it",
+    ),
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ SANDBOX_UID = 65534  # "nobody" inside the sandbox's user namespace, never 0
 SANDBOX_GID = 65534
 SCRATCH = "/tmp"  # the task's own tmpfs
 SHM = "/dev/shm"  # a private, size-limited tmpfs (bubblewrap's /dev has none of its own)
-CACHE = "/cache"  # the per-(app, run) cache folder, when the policy allows one
+CACHE = "/cache"  # the per-(app, run) cache: a size-limited tmpfs, when the policy allows one
+CACHE_SEED = "/cache-seed"  # read-only: what an earlier task of the same (app, run) left in its cache
 SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache")
 CPU_TOPOLOGY = "/sys/devices/system/cpu"  # read by torch/OpenMP to size thread pools
 
@@ -42,7 +44,7 @@ class Limits:
     cpu_seconds: int = 3600
     scratch_mb: int = 1024
     shm_mb: int = 256
-    cache_mb: int = 4096
+    cache_mb: int = 1024
     file_size_mb: int = 4096
     open_files: int = 1024
     timeout_s: float = 3600.0
@@ -71,10 +73,15 @@ class SandboxSpec:
 
     read_only: tuple[Path, ...]
     data_dir: Path | None = None
-    cache_dir: Path | None = None
+    cache: bool = True  # a size-limited tmpfs at /cache (limits.cache_mb)
+    cache_seed: Path | None = None  # a host folder copied into /cache at start and written back after each task
+    masks: tuple[Path, ...] = ()  # host folders hidden behind an empty tmpfs even if under a bound path
     limits: Limits = field(default_factory=Limits)
     landlock: bool = True
     max_frame: int = 1 << 30
+    host_uid: int = SANDBOX_UID  # as root: the unprivileged host uid the sandbox runs as
+    writable: tuple[Path, ...] = ()  # host folders bound read-write at their own path (the server side only)
+    seccomp: bool = True  # the server side (Ray, gRPC) needs sockets: it runs without the filter
 
     def all_read_only(self) -> tuple[Path, ...]:
         extra = (self.data_dir,) if self.data_dir is not None else ()
@@ -106,6 +113,12 @@ def package_dir(module: str) -> Path:
     if spec.origin is None:
         raise SandboxError(f"module {top!r} has no file (a namespace or built-in module cannot be sandboxed)")
     return Path(spec.origin)
+
+
+def sandbox_uid(name: str) -> int:
+    """A host uid of its own for each hospital's sandbox when the node runs as root: outside
+    the ranges of real accounts, distinct between hospitals, stable across runs."""
+    return 2_000_000_000 + zlib.crc32(name.encode()) % 1_000_000
 
 
 def python_paths() -> tuple[Path, ...]:

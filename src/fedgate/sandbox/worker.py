@@ -24,6 +24,7 @@ import ctypes
 import importlib
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -32,11 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from fedgate.sandbox.layers import LayerResult, apply_landlock, apply_limits, landlock_abi, self_report
-from fedgate.sandbox.spec import Limits
+from fedgate.sandbox.spec import CACHE, CACHE_SEED, SCRATCH, SHM, Limits
 from fedgate.sandbox.wire import WireError, recv_bytes, recv_json, send_bytes, send_json
 
 PR_SET_DUMPABLE = 4
-HELLO_KEYS = frozenset({"app", "app_paths", "preload", "landlock", "limits", "max_frame"})
+HELLO_KEYS = frozenset(
+    {"app", "app_paths", "preload", "landlock", "limits", "max_frame", "sandboxed", "snapshot_cache"}
+)
+CACHE_FILES_MAX = 10_000
 TASK_KEYS = frozenset({"task", "deadline_s", "check"})
 ERROR_TEXT_MAX = 2000  # the ClientApp's own error text stays at the hospital, and short
 ANSWER_FD = -1  # in a task's child: its one pipe to the worker (the escape suite checks for others)
@@ -58,6 +62,7 @@ def bootstrap(fd_in: int, fd_out: int) -> dict[str, Any]:
     """Apply the inner layers, load trusted libraries, report. Returns the HELLO."""
     hello = recv_json(fd_in, keys=HELLO_KEYS)
     limits = Limits(**{k: v for k, v in hello["limits"].items() if k != "timeout_s"})
+    seed_cache()
     layers: list[LayerResult] = [apply_limits(limits), apply_landlock(bool(hello["landlock"]))]
     for module in hello["preload"]:  # trusted libraries only (numpy, torch, flwr), before any fork
         with contextlib.suppress(ImportError):
@@ -78,6 +83,36 @@ def bootstrap(fd_in: int, fd_out: int) -> dict[str, Any]:
         },
     )
     return hello
+
+
+def seed_cache() -> None:
+    """What an earlier task of this (app, run) left in its cache, copied in before any of the
+    app's code runs: regular files only (the host wrote them)."""
+    seed = Path(CACHE_SEED)
+    if not seed.is_dir() or not Path(CACHE).is_dir():
+        return
+    for source in sorted(seed.rglob("*")):
+        if source.is_file() and not source.is_symlink():
+            target = Path(CACHE) / source.relative_to(seed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # a full cache tmpfs: the app finds less cached
+                shutil.copyfile(source, target)
+
+
+def cache_snapshot() -> tuple[list[list[Any]], bytes]:
+    """The cache's regular files after a task (every process of it is gone), for the host to
+    keep for the next task of the same (app, run): [[relative path, size], ...] and their bytes."""
+    index: list[list[Any]] = []
+    chunks: list[bytes] = []
+    root = Path(CACHE)
+    for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        if len(index) >= CACHE_FILES_MAX:
+            break
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            index.append([str(path.relative_to(root)), len(data)])
+            chunks.append(data)
+    return index, b"".join(chunks)
 
 
 def run_child(hello: dict[str, Any], message: bytes, context: bytes, result_fd: int, check: bool = False) -> None:
@@ -138,6 +173,32 @@ def kill_others(timeout_s: float = 10.0) -> int:
     return killed
 
 
+def wipe_scratch(inside: bool) -> None:
+    """The task's /tmp and /dev/shm (the sandbox's own tmpfs) go with it: the next task (same
+    sandbox in simulation) starts from empty scratch; the cache is the one place meant to
+    persist. Only inside bubblewrap: a downgraded worker runs on the host, whose /tmp is not ours."""
+    if not inside or Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]:
+        return  # not in a user namespace of our own: this is the host's file system
+    for root in (SCRATCH, SHM):
+        if not _is_private_tmpfs(root):
+            continue
+        for entry in Path(root).iterdir():
+            with contextlib.suppress(OSError):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink()
+
+
+def _is_private_tmpfs(path: str) -> bool:
+    """A tmpfs mounted exactly at `path` in this mount namespace (bubblewrap's, not the host's)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == path and fields[fields.index("-") + 1] == "tmpfs":
+            return True
+    return False
+
+
 def _reap() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
@@ -176,9 +237,14 @@ def run_task(hello: dict[str, Any], fd_in: int, fd_out: int) -> None:
     finally:
         os.close(read_end)
         kill_others()
+        wipe_scratch(bool(hello["sandboxed"]))
     send_json(fd_out, result)
     for frame in frames:
         send_bytes(fd_out, frame)
+    if hello["snapshot_cache"]:
+        index, data = cache_snapshot()
+        send_json(fd_out, {"files": index})
+        send_bytes(fd_out, data)
 
 
 def main() -> None:
