@@ -18,7 +18,7 @@ app = ServerApp()
 def _try(action) -> str:  # type: ignore[no-untyped-def]
     try:
         action()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return f"held: {type(err).__name__}"
     return "ESCAPED"
 
@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     hospital = out / "hospital-0"
     results = {
         "read-key": _try(lambda: (hospital / "ledger" / "signing.key").read_bytes()),
-        "list-hospital": _try(lambda: [p for p in hospital.iterdir() if p.name == "ledger"][0]),
+        "list-hospital": _try(lambda: next(p for p in hospital.iterdir() if p.name == "ledger")),
         "write-ledger": _try(lambda: (hospital / "ledger" / "planted").write_text("x")),
         "tcp-out": _try(lambda: socket.create_connection((str(context.run_config["probe-host"]), 9), 2)),
         "env-token": "ESCAPED" if "FEDGATE_RELAY_TOKEN" in os.environ else "held: not in the environment",
