@@ -16,7 +16,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    capture = Path(str(context.run_config["capture-file"]))
+    # Beside the run's metrics file: the one folder the server side may write to in simulation.
+    capture = Path(str(context.run_config["metrics-file"])).parent / Path(str(context.run_config["capture-file"])).name
     expected = int(context.run_config["num-hospitals"])
     deadline = time.monotonic() + 60
     while len(node_ids := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:

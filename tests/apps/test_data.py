@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedgate_medical.data import (
+from fedgate.data.loaders import (
     MEDMNIST_MD5,
     DataError,
     load_br35h,

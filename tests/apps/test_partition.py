@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedgate_medical.partition import partition
+from fedgate.data.partition import partition
 
 labels_strategy = st.lists(st.integers(0, 2), min_size=60, max_size=300).map(lambda xs: np.asarray(xs, dtype=np.int64))
 

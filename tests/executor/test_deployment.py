@@ -110,7 +110,6 @@ def make_test_fab(folder: Path, extra: dict[str, str] | None = None) -> Path:
 def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused(tmp_path: Path) -> None:
     attacks = [*ATTACK_RULES, "sandbox-escape", "honest"]
     escape, unapproving = len(attacks) - 2, len(attacks) - 1
-    capture = tmp_path / "server-received.bin"
     secret = tmp_path / "private" / "ledger-key"
     secret.parent.mkdir()
     secret.write_text("private")
@@ -131,7 +130,7 @@ def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused
     app_dir = make_test_fab(tmp_path / "fab", world)
     strict = tmp_path / "strict.toml"  # this hospital approves only another app's hash
     strict.write_text(default_policy_text().replace("approved = []", f'approved = ["sha256:{"0" * 64}"]'))
-    config = {"attacks": ",".join(attacks), "capture-file": str(capture), "attempts": ",".join(ESCAPES)}
+    config = {"attacks": ",".join(attacks), "capture-file": "server-received.bin", "attempts": ",".join(ESCAPES)}
     summary = run_local_deployment(
         out, len(attacks), 2, None, config, Console(quiet=True), app_dir=app_dir, link_port=free_port(),
         hospital_policies={unapproving: strict},
@@ -157,7 +156,7 @@ def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused
         (out / f"hospital-{unapproving}" / "fabs").iterdir()
     )  # nothing of the unapproved app was written
     assert summary["egress"]["hospital-0"]["replies_sent"] == 3  # the run went on for the others
-    received = capture.read_bytes()
+    received = (out / "runs" / str(summary["run_id"]) / "server-received.bin").read_bytes()
     assert CANARY not in received and b"patient-0042" not in received
     assert b"fab" not in received.lower() or b"not-approved" not in received  # only the generic refusal
 

@@ -25,7 +25,6 @@ def test_review_longer_than_task_expiry_still_delivers(tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(default_policy_text().replace('mode = "never"', 'mode = "always"'))
     out = tmp_path / "deploy"
-    capture = tmp_path / "server-received.bin"
     held_for: list[float] = []
 
     def reviewer() -> None:
@@ -45,7 +44,7 @@ def test_review_longer_than_task_expiry_still_delivers(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=reviewer, daemon=True)
     thread.start()
-    config = {"attacks": "honest", "phases": "train:1", "capture-file": str(capture)}
+    config = {"attacks": "honest", "phases": "train:1", "capture-file": "server-received.bin"}
     summary = run_local_deployment(
         out, 1, 1, policy, config, Console(quiet=True), app_dir=make_test_fab(tmp_path / "fab")
     )
@@ -54,5 +53,6 @@ def test_review_longer_than_task_expiry_still_delivers(tmp_path: Path) -> None:
     assert summary["egress"]["hospital-0"]["replies_sent"] == 1
     with Ledger(out / "hospital-0" / "ledger", create=False) as ledger:
         kinds = [e["kind"] for e in ledger.entries()]
-    assert kinds == ["policy", "review-decision", "reply-sent"]
-    assert capture.read_bytes() and b"refused" not in capture.read_bytes()
+    assert kinds == ["policy", "review-held", "review-decision", "reply-sent"]
+    capture = (out / "runs" / str(summary["run_id"]) / "server-received.bin").read_bytes()
+    assert capture and b"refused" not in capture

@@ -80,16 +80,15 @@ def test_every_hospital_ledger_verifies_and_every_reply_was_isolated(
 
 def test_malicious_hospitals_are_refused_others_go_on_and_the_canary_never_leaves(tmp_path: Path) -> None:
     attacks = list(ATTACK_RULES)
-    capture = tmp_path / "server-received.bin"
     result = fedgate(
         "run", "--client-app", "malicious_apps:app", "--server-app", "canary_server_app:app",
         "--hospitals", str(len(attacks)), "--rounds", "2", "--out", str(tmp_path / "run"),
-        "-c", f"attacks={','.join(attacks)}", "-c", f"capture-file={capture}",
+        "-c", f"attacks={','.join(attacks)}", "-c", "capture-file=server-received.bin",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     check_refusals(summary, attacks)
-    received = capture.read_bytes()
+    received = (tmp_path / "run" / "runs" / str(summary["run_id"]) / "server-received.bin").read_bytes()
     assert len(received) > 10_000  # the honest replies did arrive
     for form in (CANARY, CANARY_TEXT.encode("utf-16-le"), CANARY.hex().encode(), b"patient-0042"):
         assert form not in received
@@ -167,12 +166,21 @@ def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
+def test_a_host_path_the_sandboxes_cannot_see_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "scans.npz").write_bytes(b"x")
+    result = fedgate("run", "-c", f"dataset=npz:{tmp_path / 'scans.npz'}", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--data" in result.stderr, result.stderr
+
+
 def test_corrupt_dataset_is_a_clear_error(tmp_path: Path) -> None:
-    broken = tmp_path / "broken.npz"
+    data = tmp_path / "data"
+    data.mkdir()
+    broken = data / "broken.npz"
     broken.write_bytes(b"not a zip at all")
     result = fedgate(
-        "run", "--hospitals", "2", "--rounds", "1", "-c", f"dataset=npz:{broken}", "--out", str(tmp_path / "o")
-    )
+        "run", "--hospitals", "2", "--rounds", "1", "-c", f"dataset=npz:{broken}", "--data", str(data),
+        "--out", str(tmp_path / "o"),
+    )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
     assert "not a readable .npz" in result.stderr
     assert "Traceback" not in result.stderr

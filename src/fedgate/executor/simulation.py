@@ -104,6 +104,24 @@ def check_config_keys(modules: list[str], config: Mapping[str, object]) -> None:
         raise FedgateError(f"unknown -c key(s): {', '.join(hints)}; the apps declare: {', '.join(sorted(known))}")
 
 
+def check_config_paths(config: Mapping[str, object], data_dir: Path | None) -> None:
+    """A -c value naming a host file or folder (`npz:/data/scans.npz`, `/srv/dicom`) that the
+    sandboxes cannot see is a one-line error, not a confusing "does not exist" from inside."""
+    for key, value in config.items():
+        if not isinstance(value, str):
+            continue
+        candidate = Path(value.split(":", 1)[1] if ":" in value and not value.startswith("/") else value)
+        if not candidate.is_absolute() or not candidate.exists():
+            continue
+        inside = data_dir is not None and (candidate == data_dir or data_dir in candidate.resolve().parents)
+        if not inside:
+            folder = candidate if candidate.is_dir() else candidate.parent
+            raise FedgateError(
+                f"-c {key}={value} names a path on this machine that the sandboxes cannot see: "
+                f"pass --data {folder} (bound read-only into them)"
+            )
+
+
 def _app_ref(reference: str) -> tuple[AppRef, Path]:
     """The app to sandbox, and where its own sources are (for `preload_for`)."""
     module = reference.partition(":")[0]
@@ -127,6 +145,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
     mode = check_out_dir(out_dir)
     app, sources = _app_ref(spec.client_app)
     check_config_keys([spec.client_app.partition(":")[0], spec.server_app.partition(":")[0]], spec.run_config)
+    check_config_paths(spec.run_config, spec.data_dir)
     run_id = new_run_id()
     run_dir = out_dir / RUNS_DIR / str(run_id)
     run_dir.mkdir(parents=True)
@@ -243,6 +262,7 @@ def _server_side(
     apps = [package_dir(spec.server_app.partition(":")[0])]
     if spec.isolation == "none":
         apps.append(package_dir(spec.client_app.partition(":")[0]))
+    outside_ray_dir = sim_spec["ray_dir"]  # for the unsandboxed fallback only
     sim_spec = {**sim_spec, "paths": [str(p.parent) for p in apps], "ray_dir": "/tmp/ray"}
     spec_path = run_dir / "simulation.json"
     spec_path.write_text(json.dumps(sim_spec, indent=2))
@@ -260,8 +280,7 @@ def _server_side(
     except SandboxError as err:
         Console(stderr=True).print(f"[bold red]the ServerApp runs unsandboxed: {err}[/]")
         plain = {**os.environ, "FEDGATE_RELAY_TOKEN": token, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-        sim_spec["ray_dir"] = tempfile.mkdtemp(prefix="fg-ray-")
-        spec_path.write_text(json.dumps(sim_spec, indent=2))
+        spec_path.write_text(json.dumps({**sim_spec, "ray_dir": outside_ray_dir}, indent=2))
         return (), command, plain
     if os.geteuid() == 0:
         for path in (run_dir, relay.path.parent, relay.path):

@@ -151,6 +151,11 @@ class SandboxWorker:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         as_root = os.geteuid() == 0
+        if as_root and self.spec.data_dir is not None and (self.spec.data_dir.stat().st_mode & 0o005) != 0o005:
+            raise SandboxError(
+                f"the data folder {self.spec.data_dir} is not readable by the sandbox's own uid (the node runs as root; "
+                f"the sandbox never does): run the node as the data's owner (recommended), or chmod o+rx it"
+            )
         if self.spec.cache_seed is not None:
             self.spec.cache_seed.mkdir(parents=True, exist_ok=True, mode=0o755)
         to_r, to_w = os.pipe()

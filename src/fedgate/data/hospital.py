@@ -1,0 +1,76 @@
+"""One hospital's share of a dataset, derived from configuration alone.
+
+Mirrors `fedgate_medical.task.hospital_data` step for step (stratified subset, held-out global
+test split, IID/Dirichlet partition, 90/10 train/validation cut), so that the hospital's own
+trainer in trusted mode trains on exactly the images the gated reference app would, without
+importing that app. `tests/apps/test_hospital_share.py` holds the two equal."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedgate.data.loaders import ImageSet, load_dataset
+from fedgate.data.partition import partition
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    """Everything that decides which images a simulated hospital holds (the reference app's
+    `AppConfig.data_key()`, field for field)."""
+
+    dataset: str = "br35h"
+    image_size: int = 64
+    subset: int = 0  # 0 = all images; else a seeded random subset of this many
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(spec: str, size: int, subset: int, seed: int) -> ImageSet:
+    data = load_dataset(spec, size)
+    if subset and subset < len(data):
+        rng = np.random.default_rng([seed, 4])
+        return data.subset(np.sort(rng.permutation(len(data))[:subset]))
+    return data
+
+
+@functools.lru_cache(maxsize=16)
+def split_shares(share: ShareSpec, n_hospitals: int) -> tuple[ImageSet, tuple[ImageSet, ...]]:
+    """(global test set, per-hospital sets); deterministic in `share`."""
+    data = _dataset(share.dataset, share.image_size, share.subset, share.seed)
+    split = partition(data.labels, n_hospitals, share.partition, share.alpha, share.test_fraction, share.seed)
+    return data.subset(split.test), tuple(data.subset(index) for index in split.hospitals)
+
+
+def hospital_dataset(
+    spec: str,
+    hospital_index: int,
+    n_hospitals: int,
+    *,
+    image_size: int = 64,
+    subset: int = 0,
+    partition: str = "dirichlet",
+    alpha: float = 0.5,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[ImageSet, ImageSet]:
+    """A hospital's (train, local validation) sets: 90/10 of its share, as in the reference app.
+    `spec` is a `load_dataset` spec (`br35h`, `npz:PATH`, `dicom:DIR`, `folder:DIR`)."""
+    if not 0 <= hospital_index < n_hospitals:
+        raise ValueError(f"hospital index {hospital_index} outside 0..{n_hospitals - 1}")
+    share = ShareSpec(spec, image_size, subset, partition, alpha, test_fraction, seed)
+    _, hospitals = split_shares(share, n_hospitals)
+    mine = hospitals[hospital_index]
+    order = np.random.default_rng([seed, 5, hospital_index]).permutation(len(mine))
+    n_val = max(1, len(mine) // 10)
+    return mine.subset(np.sort(order[n_val:])), mine.subset(np.sort(order[:n_val]))
+
+
+def global_test_dataset(share: ShareSpec, n_hospitals: int) -> ImageSet:
+    """The held-out split no hospital trains on (the server's evaluation set)."""
+    return split_shares(share, n_hospitals)[0]
