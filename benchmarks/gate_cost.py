@@ -1,30 +1,36 @@
 """Where the gate's time goes per reply, against one raw SHA-256 pass over the same payload.
 
     nice -n 10 python benchmarks/gate_cost.py [--repeats 5] [--models cnn,resnet18]
-        [--threads N] [--before-src DIR] [--pipeline]
+        [--threads N] [--before-src DIR] [--ledger-sizes 100,10000] [--skip-stages]
 
-For the reference app's SmallCNN (~63k parameters) and ResNet-18-style model (~11.2M), all in
-one process, medians over the repeats, each stage printed in ms and as a ratio to
-`hashlib.sha256` over the outgoing payload (the floor: the ledger must hash every byte):
+Everything is timed in one process per source tree, medians of the repeats, wall and CPU
+seconds (CPU of all threads of the process) side by side, each as a ratio to
+`hashlib.sha256` over the reply's outgoing payload timed in the same process: the floor, as
+the ledger must hash every byte. On a shared 2-core machine the wall clock of two threads
+says as much about the neighbours as about the code; the load average is printed.
 
-  decode         protobuf bytes of the reply -> RecordDict -> Array.numpy() per tensor (as
-                 decide.py decodes today; copies), and as read-only views (`gate.decode`)
-  checks         every float finite, the manifest (names, shapes, dtypes) equal to the global's
-  norm           L2 norm of (reply - global), float64 accumulator, in blocks, on every core
-  clip           scale into the ball and round to the grid, write the outgoing buffers
-  noise          integer Gaussian noise from the AES-256-CTR source, added on the grid
-  stage          the whole `noised_update` (norm + clip + noise), what the gate calls
-  encode         numpy -> Flower Array -> RecordDict -> protobuf bytes
-  ledger         Ledger.append with that payload (hash, blob, fsync, SQLite, signature)
-
-then the noise generator's throughput (samples/s): numpy PCG64DXSM `normal` (float64, the old
-gate) against `NoiseSource.integer_gaussian` on one thread and on all.
-
---pipeline also times `GatePipeline.process_with_evidence` per reply on the 11.2M model, end to
-end, for this tree (after) and for --before-src (a source tree of the old gate, e.g. made with
-`git archive HEAD src | tar -x -C /tmp/fedgate-before`), each in its own process with its own
-SHA-256 baseline. CPU seconds are printed beside wall seconds: on a shared machine the wall
-clock of two threads says more about the neighbours than about the code."""
+1. End to end (`pipeline`), per model and per tree: `GatePipeline.admit(instruction bytes)`
+   then `conclude(admission, AppOutcome(reply bytes))` and the bytes the executor ships
+   (`Outcome.wire` where the tree has it, else `message_to_bytes(outcome.message)`), with
+   N earlier ledger entries for each N in --ledger-sizes: one gate per N, filled first, then
+   the gates take turns reply by reply, each reply followed by its own SHA-256 pass; "x sha"
+   is the median of those per-reply ratios (the neighbours' load falls on both alike). The
+   release slot's wait (a policy choice, not a cost) is skipped; the policy is the shipped one with no budget limit.
+   --before-src is a source tree of another version (e.g. `git archive HEAD src | tar -x -C
+   /tmp/fedgate-before`), run the same way in its own process. "malloc THP" reruns this tree
+   with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: a fresh 45 MB `bytes` then costs ~10 ms of page
+   faults instead of ~45 ms on this VM (a setting of the executor's process, not of the code).
+   "+ digest at admit*" also models a change proposed for the pipeline, not made (see
+   `pipeline_child`).
+2. Per stage (`stages`), this tree, same payload: decode (Flower's parse and `Array.numpy()`,
+   as before; the gate's `decode_reply`: views), checks (manifest, integer tensors),
+   norm, clip (+ write), noise, the whole `noised_update`, encode (Flower's serde, as before;
+   `npy_array` + `codec.encode_message`, as now; the message alone is what the executor pays
+   again while `_send` re-encodes `Outcome.message` instead of shipping `Outcome.wire`) and
+   the ledger append with fsync.
+3. The noise generator's throughput in samples per second, per tree: numpy PCG64DXSM `normal`
+   (the generator before issue 15's first half) and `NoiseSource.integer_gaussian` on one
+   thread and on all."""
 
 from __future__ import annotations
 
@@ -48,8 +54,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: malloc'd buffers in transparent huge pages
 SIGMA = 0.01  # the shipped policy: C = 1, z = 0.01
 CLIP = 1.0
+Row = tuple[str, float, float]
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
@@ -83,72 +91,225 @@ def trained(arrays: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray
     )
 
 
-def content_bytes(arrays: OrderedDict[str, np.ndarray]) -> bytes:
-    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-    from flwr.common.serde import recorddict_to_proto
+def messages(name: str) -> tuple[OrderedDict[str, np.ndarray], OrderedDict[str, np.ndarray], Any, bytes, bytes]:
+    """(global, trained, instruction Message, instruction bytes, reply bytes) as the executor
+    sees them: the SuperLink's instruction and the ClientApp's reply, serialised by Flower."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items())),
-            "metrics": MetricRecord({"train-loss": 0.43, "num-examples": 500}),
-        }
-    )
-    return bytes(recorddict_to_proto(content).SerializeToString())
+    from fedgate.flower_adapter import make_instruction
 
-
-def decode_copies(raw: bytes) -> OrderedDict[str, np.ndarray]:
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-    record = recorddict_from_proto(ProtoRecordDict.FromString(raw)).array_records["arrays"]
-    return OrderedDict((k, a.numpy()) for k, a in record.items())
-
-
-def decode_views(raw: bytes) -> OrderedDict[str, np.ndarray]:
-    """Read-only views over the decoded bytes: the gate's own decoder where it has one."""
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-    record = recorddict_from_proto(ProtoRecordDict.FromString(raw)).array_records["arrays"]
     try:
-        from fedgate.gate.decode import decode_array  # type: ignore[attr-defined]
+        from fedgate.flower_adapter import flower_message_to_bytes as serialise  # type: ignore[attr-defined]
+    except ImportError:  # an older tree: its message_to_bytes is Flower's
+        from fedgate.flower_adapter import message_to_bytes as serialise
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 4242, 1, 1
+    base = model_arrays(name)
+    reply_arrays = trained(base)
+
+    def record(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
+        return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
+
+    content = RecordDict({"arrays": record(base), "config": ConfigRecord({"server-round": 1})})
+    instruction = make_instruction(content, "train", dst_node_id=17, run_id=4242)
+    metrics = MetricRecord({"train-loss": 0.43, "num-examples": 500})
+    reply = Message(RecordDict({"arrays": record(reply_arrays), "metrics": metrics}), reply_to=instruction)
+    return base, reply_arrays, instruction, serialise(instruction), serialise(reply)
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+# -- 1. end to end -------------------------------------------------------------------------------
+
+
+def pipeline_child(name: str, repeats: int, sizes: list[int], variant: str = "") -> None:
+    """One process, one source tree (PYTHONPATH): admit + conclude + the shipped bytes.
+    variant "digest-at-admit" models a change proposed to the lead, not made: the
+    instruction's SHA-256 (recorded in its ledger entry) computed on a thread from `admit`
+    on, where in a real round it overlaps the ClientApp's run, instead of inside `conclude`."""
+    import dataclasses
+
+    import fedgate
+    import fedgate.gate.pipeline as pipeline_module
+    from fedgate.flower_adapter import message_to_bytes
+    from fedgate.gate.pipeline import AppOutcome, GatePipeline
+    from fedgate.policy import load_policy
+    from fedgate.policy.model import ReleasePolicy
+
+    try:
+        from fedgate.gate.update import compile_kernels  # type: ignore[attr-defined]
     except ImportError:
-        return OrderedDict((k, a.numpy()) for k, a in record.items())
-    return OrderedDict((k, decode_array(k, a)) for k, a in record.items())
+        compile_kernels = None
+    setup = time.perf_counter()
+    if compile_kernels is not None:
+        compile_kernels()  # once per process, before the first reply (numba's cache when there is one)
+    setup = time.perf_counter() - setup
+    waits: list[float] = []
+
+    def skip_wait(at: float) -> None:  # the release slot is a policy choice, not a cost
+        waits.append(max(0.0, at - time.time()))
+
+    pipeline_module.wait_until = skip_wait  # type: ignore[assignment]
+    if variant == "digest-at-admit":
+        _digest_at_admit(pipeline_module)
+    _, _, _, raw_instruction, raw_reply = messages(name)
+    policy = dataclasses.replace(load_policy(None), release=ReleasePolicy(slot_s=0.001, max_slots=1 << 30),
+                                 max_total_bits=0.0)  # fmt: skip
+    results: dict[str, Any] = {"tree": fedgate.__file__, "model": name, "reply_mb": len(raw_reply) / 1e6,
+                               "compile_s": setup, "load": load_line(), "sizes": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        gates = {size: GatePipeline(policy, Path(tmp) / f"hospital-{size}", "hospital-0", "bench://server")
+                 for size in sizes}  # fmt: skip
+
+        def once(gate: Any) -> bytes:
+            admission = gate.admit(raw_instruction)
+            outcome = gate.conclude(admission, AppOutcome(raw_reply))
+            if not outcome.decision.sent or outcome.message is None:
+                raise SystemExit(f"refused: {outcome.decision.reason}")
+            wire = getattr(outcome, "wire", None)
+            return wire if wire is not None else message_to_bytes(outcome.message)
+
+        fills: dict[int, float] = {}
+        payload = 0
+        for size, gate in gates.items():
+            payload = len(once(gate))  # records the policy, pins the model, warms every path
+            filler = {k: v for k, v in gate.ledger.entries()[-1].items() if k not in ("seq", "time", "payloads")}
+            fill = time.perf_counter()
+            while _size(gate) < size:
+                gate.ledger.append(filler)  # a sent reply's entry, without its payload blob
+            fills[size] = time.perf_counter() - fill
+        # the ledger sizes take turns, reply by reply, each beside a SHA-256 pass of its own:
+        # the neighbours' load falls on all of them alike
+        rows: dict[int, dict[str, list[float]]] = {size: {"wall": [], "cpu": [], "sha": [], "sha_cpu": [],
+                                                          "before": []} for size in sizes}  # fmt: skip
+        for _ in range(repeats):
+            for size, gate in gates.items():
+                row = rows[size]
+                row["before"].append(_size(gate))
+                waits.clear()
+                wall, cpu = time.perf_counter(), time.process_time()
+                once(gate)
+                row["wall"].append(time.perf_counter() - wall)
+                row["cpu"].append(time.process_time() - cpu)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                hashlib.sha256(raw_reply).digest()
+                row["sha"].append(time.perf_counter() - start)
+                row["sha_cpu"].append(time.process_time() - start_cpu)
+        for size, row in rows.items():
+            results["sizes"][str(size)] = {
+                "entries_before": int(row["before"][0]),
+                "wall": statistics.median(row["wall"]),
+                "cpu": statistics.median(row["cpu"]),
+                "sha": statistics.median(row["sha"]),
+                "sha_cpu": statistics.median(row["sha_cpu"]),
+                "ratio": statistics.median(w / h for w, h in zip(row["wall"], row["sha"], strict=True)),
+                "cpu_ratio": statistics.median(c / h for c, h in zip(row["cpu"], row["sha_cpu"], strict=True)),
+                "fill_s": fills[size],
+            }
+        for gate in gates.values():
+            gate.close()
+        results["shipped_mb"] = payload / 1e6
+    print(json.dumps(results))
 
 
-def checks(base: OrderedDict[str, np.ndarray], reply: OrderedDict[str, np.ndarray]) -> None:
-    manifest = [(k, v.shape, str(v.dtype)) for k, v in base.items()]
-    if [(k, v.shape, str(v.dtype)) for k, v in reply.items()] != manifest:
-        raise AssertionError("manifest")
-    hashlib.sha256(json.dumps([[k, list(s), d] for k, s, d in manifest]).encode()).hexdigest()
-    for value in reply.values():
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            raise AssertionError("non-finite")
+def _digest_at_admit(pipeline_module: Any) -> None:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    pending: dict[int, Future[Any]] = {}
+    admit = pipeline_module.GatePipeline.admit
+
+    def admit_and_hash(self: Any, raw: bytes, arrived: float | None = None) -> Any:
+        pending[id(raw)] = pool.submit(hashlib.sha256, raw)
+        return admit(self, raw, arrived)
+
+    class Hashlib:
+        @staticmethod
+        def sha256(data: bytes) -> Any:
+            future = pending.pop(id(data), None)
+            return future.result() if future is not None else hashlib.sha256(data)
+
+    pipeline_module.GatePipeline.admit = admit_and_hash
+    pipeline_module.hashlib = Hashlib
 
 
-def encode(arrays: OrderedDict[str, np.ndarray]) -> bytes:
-    return content_bytes(arrays)
+def _size(gate: Any) -> int:
+    """The ledger's size from its latest signed head (O(1), unlike reading every entry)."""
+    try:
+        return int(gate.ledger.db.execute("SELECT size FROM tip WHERE id = 0").fetchone()[0])
+    except Exception:
+        return len(gate.ledger.entries())
 
 
-def stage_rows(name: str, repeats: int, threads: int, folder: Path) -> list[tuple[str, float, float]]:
+def pipeline(models: list[str], repeats: int, sizes: list[int], before_src: Path | None) -> None:
+    trees: list[tuple[str, Path, dict[str, str], str]] = [
+        ("after", ROOT / "src", {}, ""),
+        ("after, malloc THP", ROOT / "src", {"GLIBC_TUNABLES": HUGE_PAGES}, ""),
+        ("+ digest at admit*", ROOT / "src", {"GLIBC_TUNABLES": HUGE_PAGES}, "digest-at-admit"),
+    ]
+    if before_src is not None:
+        trees.insert(0, ("before", before_src, {}, ""))
+    print(f"\n1. end to end: admit + conclude + the shipped bytes, medians of {repeats}, {load_line()}")
+    print(f"  {'tree':20s} {'model':9s} {'earlier':>8s} {'wall ms':>9s} {'x sha':>6s} {'cpu ms':>8s} "
+          f"{'x sha':>6s} {'sha ms':>7s}")  # fmt: skip
+    for label, src, extra, variant in trees:
+        for name in models:
+            env = {**os.environ, "PYTHONPATH": str(src), **extra}
+            command = [sys.executable, __file__, "--pipeline-child", name, "--repeats", str(repeats),
+                       "--ledger-sizes", ",".join(map(str, sizes)), "--variant", variant]  # fmt: skip
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(f"  {label:20s} {name:9s} could not run: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            for row in got["sizes"].values():
+                print(
+                    f"  {label:20s} {name:9s} {row['entries_before']:>8d} {row['wall'] * 1e3:9.1f} "
+                    f"{row['ratio']:6.2f} {row['cpu'] * 1e3:8.1f} {row['cpu_ratio']:6.2f} "
+                    f"{row['sha'] * 1e3:7.1f}   (fill {row['fill_s']:.0f} s)"
+                )
+            print(f"  {'':20s} {name:9s} reply {got['reply_mb']:.1f} MB, shipped {got['shipped_mb']:.1f} MB, "
+                  f"kernels ready in {got['compile_s']:.2f} s, {got['load']}")  # fmt: skip
+
+
+# -- 2. per stage ----------------------------------------------------------------------------------
+
+
+def stage_rows(name: str, repeats: int, threads: int, folder: Path) -> tuple[list[Row], int, int]:
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    from fedgate.flower_adapter import flower_message_to_bytes, make_reply
+    from fedgate.gate import codec, rules
     from fedgate.gate import update as stage
+    from fedgate.gate.decode import decode_instruction, decode_reply
     from fedgate.gate.noise import NoiseSource
     from fedgate.ledger.store import Ledger
 
-    base = model_arrays(name)
-    reply = trained(base)
-    raw_reply = content_bytes(reply)
-    base_views = decode_views(content_bytes(base))
-    reply_views = decode_views(raw_reply)
-    floats = [k for k, v in base.items() if v.dtype.kind == "f"]
-    g = [base_views[k] for k in floats]
-    r = [reply_views[k] for k in floats]
+    stage.compile_kernels()
+    _, _, _, raw_instruction, raw_reply = messages(name)
+    instruction = decode_instruction(raw_instruction, ("train",))
+    reply = decode_reply(raw_reply, instruction)
+    floats = [k for k, v in instruction.model.items() if v.dtype.kind == "f"]
+    g = [instruction.model[k] for k in floats]
+    r = [reply.arrays[k] for k in floats]
     result = stage.noised_update(g, r, CLIP, SIGMA, NoiseSource.from_os_entropy(), threads=threads)
-    out = OrderedDict(base_views)
-    out.update(zip(floats, result.arrays, strict=True))
-    payload = encode(out)
-    size = sum(v.size for v in g)
+    model = OrderedDict(instruction.model)
+    model.update(zip(floats, result.arrays, strict=True))
+
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    def content(array: Callable[[np.ndarray], Any]) -> RecordDict:
+        record = ArrayRecord(OrderedDict((n, array(np.ascontiguousarray(v))) for n, v in model.items()))
+        return RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 500})})
+
+    outgoing = make_reply(instruction.message, time.time(), content(codec.npy_array), None)
+    wire, span = codec.encode_message(outgoing)
+    payload = memoryview(wire)[span]
 
     bases, replies = [np.ravel(a) for a in g], [np.ravel(a) for a in r]
     tasks = stage._tasks([a.size for a in bases])
@@ -165,11 +326,21 @@ def stage_rows(name: str, repeats: int, threads: int, folder: Path) -> list[tupl
     def sha() -> None:
         hashlib.sha256(payload).digest()
 
-    rows: list[tuple[str, float, float]] = []
-    rows.append(("sha256 (payload)", *timed(sha, repeats)))
-    rows.append(("decode: Array.numpy()", *timed(lambda: decode_copies(raw_reply), repeats)))
-    rows.append(("decode: views", *timed(lambda: decode_views(raw_reply), repeats)))
-    rows.append(("checks", *timed(lambda: checks(base_views, reply_views), repeats)))
+    def decode_before() -> None:
+        message = message_from_proto(ProtoMessage.FromString(raw_reply))
+        [a.numpy() for a in message.content.array_records["arrays"].values()]
+
+    def encode_before() -> None:
+        flower_message_to_bytes(make_reply(instruction.message, time.time(), content(Array), None))
+
+    def encode_after() -> None:
+        codec.encode_message(make_reply(instruction.message, time.time(), content(codec.npy_array), None))
+
+    rows: list[Row] = [("sha256 (payload)", *timed(sha, repeats))]
+    rows.append(("decode: Flower + .numpy()", *timed(decode_before, repeats)))
+    rows.append(("decode: codec views", *timed(lambda: decode_reply(raw_reply, instruction), repeats)))
+    rows.append(("checks", *timed(lambda: (rules.check_manifest(instruction, reply),
+                                           rules.check_values(instruction, reply)), repeats)))  # fmt: skip
     t_norm = timed(norm_pass, repeats)
     t_clip = timed(clip_only, repeats)
     t_full = timed(full, repeats)
@@ -177,41 +348,44 @@ def stage_rows(name: str, repeats: int, threads: int, folder: Path) -> list[tupl
     rows.append(("clip (+ write)", t_clip[0] - t_norm[0], t_clip[1] - t_norm[1]))
     rows.append(("noise", t_full[0] - t_clip[0], t_full[1] - t_clip[1]))
     rows.append(("stage = noised_update", *t_full))
-    rows.append(("encode", *timed(lambda: encode(out), repeats)))
+    rows.append(("encode: Flower serde", *timed(encode_before, max(1, repeats // 2))))
+    rows.append(("encode: npy_array + codec", *timed(encode_after, repeats)))
+    rows.append(("  of which encode_message", *timed(lambda: codec.encode_message(outgoing), repeats)))
     with Ledger(folder / f"ledger-{name}") as ledger:
         ledger.append({"kind": "warm-up"})
-        distinct = iter([i.to_bytes(8, "little") + payload[8:] for i in range(repeats)])
-        rows.append(
-            ("ledger append + fsync", *timed(lambda: ledger.append({"kind": "b"}, {"sent": next(distinct)}), repeats))
-        )
+        distinct = iter([i.to_bytes(8, "little") + bytes(payload[8:]) for i in range(repeats)])
+        rows.append(("ledger append + fsync",
+                     *timed(lambda: ledger.append({"kind": "b"}, {"sent": next(distinct)}), repeats)))  # fmt: skip
     rows.append(("sha256 (payload, again)", *timed(sha, repeats)))
-    print(
-        f"\n{name}: {size:,} float parameters, payload {len(payload) / 1e6:.1f} MB, {threads} threads, {repeats} runs"
-    )
-    return rows
+    return rows, sum(v.size for v in g), len(payload)
 
 
-def print_rows(rows: list[tuple[str, float, float]]) -> None:
+def print_rows(name: str, rows: list[Row], size: int, payload: int, threads: int, repeats: int) -> None:
+    print(f"\n2. {name}: {size:,} float parameters, payload {payload / 1e6:.1f} MB, {threads} threads, "
+          f"medians of {repeats}, {load_line()}")  # fmt: skip
     sha_wall = min(w for n, w, _ in rows if n.startswith("sha256"))
     sha_cpu = min(c for n, _, c in rows if n.startswith("sha256"))
-    print(f"  {'stage':26s} {'wall ms':>9s} {'x sha':>7s} {'cpu ms':>9s} {'x sha':>7s}")
-    for name, wall, cpu in rows:
-        print(f"  {name:26s} {wall * 1e3:9.1f} {wall / sha_wall:7.2f} {cpu * 1e3:9.1f} {cpu / sha_cpu:7.2f}")
-    by = {n: (w, c) for n, w, c in rows}
-    parts = ["decode: views", "checks", "stage = noised_update", "encode", "ledger append + fsync"]
-    wall, cpu = sum(by[p][0] for p in parts), sum(by[p][1] for p in parts)
-    print(
-        f"  {'gate, composed (sum)':26s} {wall * 1e3:9.1f} {wall / sha_wall:7.2f} {cpu * 1e3:9.1f} {cpu / sha_cpu:7.2f}"
-    )
+    print(f"  {'stage':28s} {'wall ms':>9s} {'x sha':>7s} {'cpu ms':>9s} {'x sha':>7s}")
+    for label, wall, cpu in rows:
+        print(f"  {label:28s} {wall * 1e3:9.1f} {wall / sha_wall:7.2f} {cpu * 1e3:9.1f} {cpu / sha_cpu:7.2f}")
 
 
-def throughput(repeats: int, threads: int) -> None:
+# -- 3. the noise generator ----------------------------------------------------------------------
+
+
+def throughput_child(repeats: int, threads: int) -> None:
     from fedgate.gate import update as stage
     from fedgate.gate.noise import BLOCK, NoiseSource
 
+    try:
+        from fedgate.gate.noise import compile_kernels  # type: ignore[attr-defined]
+
+        compile_kernels()
+    except ImportError:
+        pass
     n = 11_168_706
     generator = np.random.Generator(np.random.PCG64DXSM(12345))
-    before = timed(lambda: generator.normal(0.0, SIGMA, size=n), repeats)
+    numpy_normal = timed(lambda: generator.normal(0.0, SIGMA, size=n), repeats)
     blocks = [(b, min(BLOCK, n - b * BLOCK)) for b in range((n + BLOCK - 1) // BLOCK)]
     source = NoiseSource.from_os_entropy()
     source.claim()
@@ -224,76 +398,31 @@ def throughput(repeats: int, threads: int) -> None:
 
         stage._run(blocks, workers, one)  # type: ignore[arg-type]
 
-    after_1 = timed(lambda: draw(1), repeats)
-    after_n = timed(lambda: draw(threads), repeats)
-    print(f"\nnoise generator, {n:,} samples (medians of {repeats}; wall / cpu)")
-    for label, (wall, cpu) in (
-        ("before: numpy PCG64DXSM normal, 1 thread", before),
-        ("after: AES-256-CTR rounded Gaussian, 1 thread", after_1),
-        (f"after: AES-256-CTR rounded Gaussian, {threads} threads", after_n),
-    ):
-        print(f"  {label:52s} {n / wall / 1e6:7.1f} M samples/s wall  {n / cpu / 1e6:7.1f} M samples/s per cpu-s")
+    one_thread = timed(lambda: draw(1), repeats)
+    all_threads = timed(lambda: draw(threads), repeats)
+    print(json.dumps({"n": n, "numpy": numpy_normal, "one": one_thread, "all": all_threads, "threads": threads}))
 
 
-def pipeline_child(repeats: int) -> None:
-    """One process, one source tree (PYTHONPATH): process_with_evidence per reply, and SHA-256."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
-    import fedgate
-    from fedgate.gate.pipeline import GatePipeline
-    from fedgate.policy import load_policy
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 4242, 1, 1
-    base = model_arrays("resnet18")
-    reply_arrays = trained(base)
-
-    def record(arrays: OrderedDict[str, np.ndarray]) -> ArrayRecord:
-        return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
-
-    content = RecordDict({"arrays": record(base), "config": ConfigRecord({"server-round": 1})})
-    instruction = Message(content, dst_node_id=17, message_type="train")
-    instruction.metadata.__dict__["_message_id"] = instruction.object_id  # as the Grid does on push
-    payload = content_bytes(reply_arrays)
-    walls, cpus, shas = [], [], []
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
-        gate = GatePipeline(load_policy(None), Path(tmp) / "hospital-0", "hospital-0", "bench://server")
-        for run in range(repeats + 1):  # the first run creates the ledger and records the policy
-            metrics = MetricRecord({"train-loss": 0.43, "num-examples": 500})
-            reply = Message(RecordDict({"arrays": record(reply_arrays), "metrics": metrics}), reply_to=instruction)
-            wall, cpu = time.perf_counter(), time.process_time()
-            outcome = gate.process_with_evidence(instruction, reply)  # type: ignore[attr-defined]  # the old API
-            if run:
-                walls.append(time.perf_counter() - wall)
-                cpus.append(time.process_time() - cpu)
-            if not outcome.decision.sent:
-                raise SystemExit(f"refused: {outcome.decision.reason}")
-            start = time.perf_counter()
-            hashlib.sha256(payload).digest()
-            shas.append(time.perf_counter() - start)
-        gate.close()
-    result = {"wall": statistics.median(walls), "cpu": statistics.median(cpus), "sha": min(shas)}
-    print(json.dumps({**result, "mb": len(payload) / 1e6, "fedgate": fedgate.__file__}))
-
-
-def pipeline(repeats: int, before_src: Path | None) -> None:
-    print(f"\nGatePipeline.process_with_evidence, ResNet-18-style model, medians of {repeats} (own process each)")
-    trees = [("after (this tree)", ROOT / "src")]
+def throughput(repeats: int, threads: int, before_src: Path | None) -> None:
+    print(f"\n3. noise generator, 11,168,706 samples, medians of {repeats}, {load_line()}")
+    trees = [("after", ROOT / "src")]
     if before_src is not None:
-        trees.insert(0, (f"before ({before_src})", before_src))
+        trees.insert(0, ("before", before_src))
     for label, src in trees:
         env = {**os.environ, "PYTHONPATH": str(src)}
-        command = [sys.executable, __file__, "--pipeline-child", "--repeats", str(repeats)]
+        command = [sys.executable, __file__, "--throughput-child", "--repeats", str(repeats),
+                   "--threads", str(threads)]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            print(f"  {label:40s} could not run: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            print(f"  {label}: could not run: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
             continue
         got = json.loads(done.stdout.strip().splitlines()[-1])
-        print(
-            f"  {label:40s} {got['wall'] * 1e3:8.1f} ms wall ({got['wall'] / got['sha']:5.1f}x sha256), "
-            f"{got['cpu'] * 1e3:8.1f} ms cpu; sha256 {got['sha'] * 1e3:.1f} ms over {got['mb']:.1f} MB "
-            f"[{got['fedgate']}]"
-        )
+        n = got["n"]
+        rows = [("numpy PCG64DXSM normal (not cryptographic), 1 thread", got["numpy"]),
+                ("AES-256-CTR rounded Gaussian, 1 thread", got["one"]),
+                (f"AES-256-CTR rounded Gaussian, {got['threads']} threads", got["all"])]  # fmt: skip
+        for what, (wall, cpu) in rows:
+            print(f"  {label:6s} {what:54s} {n / wall / 1e6:7.1f} M/s wall {n / cpu / 1e6:7.1f} M/s per cpu-s")
 
 
 def main() -> None:
@@ -301,19 +430,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="cnn,resnet18")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--pipeline", action="store_true", help="also time GatePipeline end to end")
-    parser.add_argument("--before-src", type=Path, default=None, help="source tree of the old gate, for --pipeline")
-    parser.add_argument("--pipeline-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ledger-sizes", default="100,10000", help="earlier ledger entries to measure after")
+    parser.add_argument("--before-src", type=Path, default=None, help="source tree of another version")
+    parser.add_argument("--skip-stages", action="store_true", help="only the end-to-end and noise sections")
+    parser.add_argument("--pipeline-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--throughput-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sizes = [int(s) for s in args.ledger_sizes.split(",") if s]
     if args.pipeline_child:
-        pipeline_child(args.repeats)
+        pipeline_child(args.pipeline_child, args.repeats, sizes, args.variant)
         return
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
-        for name in args.models.split(","):
-            print_rows(stage_rows(name, args.repeats, args.threads, Path(tmp)))
-    throughput(args.repeats, args.threads)
-    if args.pipeline:
-        pipeline(args.repeats, args.before_src)
+    if args.throughput_child:
+        throughput_child(args.repeats, args.threads)
+        return
+    models = args.models.split(",")
+    pipeline(models, args.repeats, sizes, args.before_src)
+    if not args.skip_stages:
+        with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+            for name in models:
+                rows, size, payload = stage_rows(name, args.repeats, args.threads, Path(tmp))
+                print_rows(name, rows, size, payload, args.threads, args.repeats)
+    throughput(args.repeats, args.threads, args.before_src)
 
 
 if __name__ == "__main__":

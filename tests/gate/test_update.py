@@ -20,6 +20,7 @@ from fedgate.gate.update import (
     NORM_SLACK,
     NoisedUpdate,
     capacity_bits,
+    compile_kernels,
     effective_norm,
     grid_step,
     l2_norm,
@@ -86,6 +87,36 @@ def test_without_noise_the_update_is_only_clipped(parts: list[np.ndarray], clip_
     assert update.evidence.update_bits == math.inf and update.evidence.grid_step == 0.0
     if update.evidence.norm <= clip_norm:
         assert all(np.array_equal(a, r) for a, r in zip(update.arrays, replies, strict=True))
+
+
+@pytest.mark.parametrize("clip_norm", [1e-3, 1e3])
+def test_the_kernels_compute_the_mechanism_coordinate_by_coordinate(clip_norm: float) -> None:
+    """global + g·(rint((reply - global)·scale / g) + K), in float64, cast to each dtype: the
+    compiled kernels (float32, float64) and numpy (float16) against the formula in numpy,
+    tensors crossing block boundaries, the update clipped (1e-3) or not (1e3)."""
+    rng = np.random.default_rng(11)
+    shapes = [(BLOCK + 3,), (7, 5), (2 * BLOCK - 10,)]
+    dtypes = [np.float32, np.float16, np.float64]
+    base = [rng.standard_normal(shape).astype(dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+    reply = [(b + 0.01 * rng.standard_normal(b.shape)).astype(b.dtype) for b in base]
+    for array in base + reply:
+        array.flags.writeable = False  # as decoded: read-only views
+    update = noised_update(base, reply, clip_norm, 0.05, NoiseSource._for_tests(KEY), threads=2)
+    evidence = update.evidence
+    differences = [(r.astype(np.float64) - b.astype(np.float64)).ravel() for r, b in zip(reply, base, strict=True)]
+    assert evidence.norm == pytest.approx(math.sqrt(sum(float(np.dot(d, d)) for d in differences)), rel=1e-12)
+    assert evidence.clipped == (clip_norm == 1e-3)
+    factor = evidence.scale / evidence.grid_step
+    for sent, b, d, k in zip(update.arrays, base, differences, noise_of(update, shapes), strict=True):
+        released = (np.rint(d * factor) + k) * evidence.grid_step
+        expected = (released + b.ravel().astype(np.float64)).astype(b.dtype).reshape(b.shape)
+        assert np.array_equal(sent, expected)
+
+
+def test_compiling_the_kernels_draws_nothing() -> None:
+    compile_kernels()
+    source = NoiseSource.from_os_entropy()
+    noised_update([np.zeros(3)], [np.ones(3)], 1.0, 0.1, source)  # the source was still fresh
 
 
 def test_the_noise_has_the_configured_sigma() -> None:

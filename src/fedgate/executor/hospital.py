@@ -40,6 +40,7 @@ from fedgate.flower_adapter import (
 )
 from fedgate.gate.pipeline import GENERIC_REFUSAL, Admission, AppOutcome, GatePipeline, Outcome
 from fedgate.gate.release import wait_until
+from fedgate.gate.update import compile_kernels as compile_gate_kernels
 from fedgate.policy import Policy
 from fedgate.sandbox.runner import AppRef, SandboxRefused, SandboxWorker
 from fedgate.sandbox.spec import SANDBOX_UID, Limits, SandboxError, SandboxSpec, sandbox_uid
@@ -156,6 +157,8 @@ class Hospital:
         self._worker_key: tuple[AppRef, int] | None = None
         self._state = RecordDict()  # the ClientApp's context state between its tasks
         self._stopping = threading.Event()
+        # The gate's numba kernels load (or compile, first time) now, not on the first reply's clock.
+        self._thread.submit(compile_gate_kernels)
 
     def call(self, fn: Callable[[], T]) -> T:
         return self._thread.submit(fn).result()
@@ -249,6 +252,8 @@ class Hospital:
     def _send(self, outcome: Outcome, instruction: bytes) -> bytes:
         if outcome.message is None:  # the instruction's own bytes were unreadable
             raise SandboxError("the instruction could not be read as a Flower message; nothing was sent")
+        if outcome.wire is not None:  # the very bytes whose payload the ledger recorded, encoded once
+            return outcome.wire
         return message_to_bytes(outcome.message)
 
     # -- the sandbox -------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ decide:
     Taylor polynomial (truncation < 2^-45 on [0, pi/4]), cos = sqrt(1 - sin^2) >= 1/sqrt(2).
   - over the whole cell of the true (infinitely precise) uniforms, the float y = s·Z is off
     by less than (|y| + s)·2^-40: relative errors from U's cell (w_U >= 2^40) and rounding,
-    numpy's log (assumed within 2^-45 relative, about 256 ulp; glibc's is within 1 ulp; a
-    test checks this platform), the polynomial and the products stay below 2^-43; the
+    the log (assumed within 2^-45 relative; the kernel's own is within 2^-50, see below, and
+    a test checks it against mpmath), the polynomial and the products stay below 2^-43; the
     rounding of U near 1 costs at most s·2^-53/sqrt(2E) <= s·2^-41 while r >= 2^-12
     (w_U < 2^64 - 2^39). Where rint(y) is farther than that from a half-integer, every point
     of the cell rounds alike, so K is the ideal rint(s·Z) of the true uniforms.
@@ -29,9 +29,21 @@ decide:
 What the DP accounting may therefore assume: every coordinate of the noise is an independent
 rounded Gaussian of scale s = sigma / g, so the released g·(v + K) is the Gaussian mechanism
 N(0, sigma^2) on g·v followed by rounding, with ||g·v|| at most the effective norm that
-`gate.update` reports. The assumptions are AES-256 as a pseudorandom function, numpy's log
-within 2^-45 relative, IEEE sqrt and mpmath's interval arithmetic: no additive delta for the
-sampler (nothing is truncated) and no floating-point term in epsilon.
+`gate.update` reports. The assumptions are AES-256 as a pseudorandom function, the kernel's
+log within 2^-45 relative, IEEE sqrt and mpmath's interval arithmetic: no additive delta for
+the sampler (nothing is truncated) and no floating-point term in epsilon.
+
+Speed. The float path of a block is one compiled kernel (`_draw_block`, numba, vectorised,
+GIL released, so blocks run on every core). Its log is not libm's, which does not vectorise:
+x = 2^e·m with m in [1/sqrt 2, sqrt 2) taken from the bits, log m = 2·atanh(t), t = (m-1)/(m+1),
+|t| <= 0.1716, by the series up to t^19 (truncation < 2^-55 relative), plus e·ln 2 with
+Cody–Waite's split ln 2 (e·ln2_hi exact). m - 1 is exact and t within 2^-52 relative, so log m
+is within 1.6·2^-52; adding e·ln 2 at most triples that, since |e·ln 2 + log m| >= 0.346 when
+e != 0 while |log m| <= 0.347: below 2^-50 relative for every U the float path uses. LLVM may
+fuse a·b + c (one rounding instead of two), which only tightens these bounds. Same key, same
+draws as the first, numpy implementation of this path (a test holds them equal). Compiled
+once per process (`compile_kernels()`), from numba's on-disk cache when there is one
+(`__pycache__` beside this file, or NUMBA_CACHE_DIR).
 
 Streams. The main keystream of block b of stream t starts at counter block t·2^96 + b·2^64
 (a block uses < 2^15 AES blocks); pair j's refinements read t·2^96 + b·2^64 + 2^63 + j·2^16 +
@@ -42,6 +54,7 @@ from __future__ import annotations
 import math
 import secrets
 import threading
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any, NoReturn
 
@@ -160,79 +173,19 @@ class NoiseSource:
         keystream, zeros = memoryview(work.keystream), memoryview(work.zeros)[:nbytes]
         self._keystream(counter, keystream[:nbytes], zeros)
         self._keystream(counter + _HALF // 2, keystream[_HALF * 8 : _HALF * 8 + nbytes], zeros)
-        words = np.frombuffer(work.keystream, dtype="<u8")
-        w_u, w_p = words[:pairs], words[_HALF : _HALF + pairs]
-        w_c = w_p  # the low 3 bits of w_P: swap and signs; its top 52 bits: psi
-        z = work.z[: 2 * pairs]
-        first, second = z[:pairs], z[pairs:]
-        r, y, u64, flag = work.r[:pairs], work.y[:pairs], work.u64[:pairs], work.flag[:pairs]
-
-        # radius: U = (w_U + 1/2) 2^-64 in (0, 1], r = s sqrt(-2 ln U)
-        np.copyto(r, w_u, casting="unsafe")
-        r += 0.5
-        r *= 2.0**-64
-        np.log(r, out=r)
-        r *= -2.0 * scale * scale
-        np.sqrt(r, out=r)
-
-        # angle: phi = psi pi/4 in [0, pi/4); sin by Taylor (Horner in phi^2), cos = sqrt(1 - sin^2)
-        phi_bits = y.view(np.uint64)
-        np.right_shift(w_p, np.uint64(12), out=phi_bits)
-        phi_bits |= _ONE_BITS  # a float in [1, 2) whose mantissa is psi's 52 bits
-        y -= 1.0
-        y *= _PI_4  # phi
-        np.multiply(y, y, out=second)  # phi^2
-        np.multiply(second, _SIN[0], out=first)
-        for coefficient in _SIN[1:-1]:
-            first += coefficient
-            first *= second
-        first += _SIN[-1]
-        first *= y  # sin(phi)
-        np.multiply(first, first, out=second)
-        np.subtract(1.0, second, out=second)
-        np.sqrt(second, out=second)  # cos(phi); 1 - sin^2 >= 1/2 here, so no cancellation
-        first *= r
-        second *= r
-
-        # octant: bit 0 swaps (first, second), bits 1 and 2 flip their signs; on the bit patterns
-        first_bits, second_bits, bits = first.view(np.uint64), second.view(np.uint64), work.u64b[:pairs]
-        np.bitwise_and(w_c, np.uint64(1), out=u64)
-        np.negative(u64, out=u64)  # all ones where the swap bit is set
-        np.bitwise_xor(first_bits, second_bits, out=bits)
-        bits &= u64
-        first_bits ^= bits
-        second_bits ^= bits
-        np.left_shift(w_c, np.uint64(62), out=bits)
-        bits &= _TOP
-        first_bits ^= bits
-        np.left_shift(w_c, np.uint64(61), out=bits)
-        bits &= _TOP
-        second_bits ^= bits
-
-        # rint, and the check that every point of the cell rounds alike: |y - rint(y)| must stay
-        # below 1/2 - (|y| + s) 2^-40, and |y| <= r (the pair's radius)
-        span = 2 * pairs
-        direct = pairs == _HALF and out.shape[0] >= BLOCK
-        k = out[:span] if direct else work.k[:span]
-        np.rint(z, out=k)
-        z -= k
-        np.abs(z, out=z)
-        r += scale
-        r *= _RELATIVE
-        np.subtract(0.5, r, out=r)  # the smallest distance to 1/2 this pair may have
-        ambiguous = work.ambiguous[:span]
-        np.greater_equal(first, r, out=ambiguous[:pairs])
-        np.greater_equal(second, r, out=ambiguous[pairs:])
-        wide = flag  # w_U outside [_U_LOW, _U_HIGH): one unsigned compare after a wrapping shift
-        np.subtract(w_u, np.uint64(_U_LOW), out=u64)
-        np.greater_equal(u64, np.uint64(_U_HIGH - _U_LOW), out=wide)
-        if ambiguous.any() or wide.any():
-            for j in np.flatnonzero(ambiguous[:pairs] | ambiguous[pairs:] | wide).tolist():
-                for component in (0, 1):
-                    index = component * pairs + j
-                    if component * _HALF + j < count and (ambiguous[index] or wide[j]):
-                        pair_words = (int(w_u[j]), int(w_p[j]))
-                        k[index] = self._exact(stream, block, j, pair_words, component, scale)
+        direct = pairs == _HALF and out.shape[0] >= BLOCK and out.flags.c_contiguous and out.flags.writeable
+        k = out if direct else work.k
+        # read at call time: the tests widen them to force the exact path
+        u_low, u_span = np.uint64(_U_LOW), np.uint64(_U_HIGH - _U_LOW)
+        flagged = _kernel()(
+            work.words, pairs, scale, _RELATIVE, u_low, u_span, k, work.flags, work.ints, work.floats, _NO_RADIUS
+        )
+        if flagged:
+            w_u, w_p = work.words[:pairs], work.words[_HALF : _HALF + pairs]
+            for index in np.flatnonzero(work.flags).tolist():
+                component, j = divmod(index, _HALF)
+                if j < pairs and index < count:
+                    k[index] = self._exact(stream, block, j, (int(w_u[j]), int(w_p[j])), component, scale)
         if not direct:
             out[: min(count, _HALF)] = k[: min(count, _HALF)]
             if count > _HALF:
@@ -290,6 +243,159 @@ def _fraction(raw: tuple[int, int, int, int]) -> Fraction:
     return -value if sign else value
 
 
+_CHUNK = 512  # pairs per pass of the kernel: its scratch stays in the L1 cache
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split (Cody–Waite, as fdlibm): e·_LN2_HI is exact for |e| < 2^20
+_LN2_LO = 1.90821492927058770002e-10
+_ATANH = tuple(1.0 / (2 * k + 1) for k in range(1, 10))  # 2·atanh(t) = 2t(1 + t^2/3 + ... + t^18/19 + ...)
+_SQRT2_BITS = np.uint64(0x3FF6A09E667F3BCD)  # the bits of sqrt(2) rounded
+_MANTISSA = np.uint64((1 << 52) - 1)
+_EXP_ONE = np.uint64(1 << 52)
+_MAGIC52 = np.uint64(0x4330000000000000)  # the bits of 2^52: OR in k < 2^52, subtract 2^52, get float(k)
+_MAGIC84 = np.uint64(0x4530000000000000)  # the bits of 2^84: the same for k·2^32
+_LOW32 = np.uint64(0xFFFFFFFF)
+_TWO52, _TWO84 = 2.0**52, 2.0**84
+_BIAS = 2.0**52 + 1023.0
+_U0, _U1, _U2, _U4 = np.uint64(0), np.uint64(1), np.uint64(2), np.uint64(4)
+_U12, _U32, _U52, _U61, _U62 = np.uint64(12), np.uint64(32), np.uint64(52), np.uint64(61), np.uint64(62)
+_A1, _A2, _A3, _A4, _A5, _A6, _A7, _A8, _A9 = _ATANH
+_S0, _S1, _S2, _S3, _S4, _S5, _S6 = _SIN
+
+
+def _draw_block(
+    words: np.ndarray,
+    pairs: int,
+    scale: float,
+    relative: float,
+    u_low: np.uint64,
+    u_span: np.uint64,
+    out: np.ndarray,
+    flags: np.ndarray,
+    ints: np.ndarray,
+    floats: np.ndarray,
+    radius: np.ndarray,
+) -> int:
+    """The float path of one block: out[j] and out[HALF + j] get rint of the pair's two
+    components; flags[i] = 1 where sample i must be redone exactly. Returns the number flagged.
+
+    Each inner loop touches few arrays so that LLVM vectorises it; floats is ints' float64
+    view, the way to move bits between integers and floats (numba has no scalar bitcast).
+    float(w) for a 64-bit w is (hi·2^32 + 2^84 - 2^84) + (lo + 2^52 - 2^52): two exact terms,
+    one rounding, the same double as a direct conversion (AVX2 has no such instruction).
+    `radius`, when it has room for `pairs`, receives each pair's r (for the tests)."""
+    c = -2.0 * scale * scale
+    flagged = 0
+    hi, lo, psi, x_bits, a_bits, b_bits = ints[0], ints[1], ints[2], ints[3], ints[4], ints[5]
+    hi_f, lo_f, psi_f, x, a, b, r = floats[0], floats[1], floats[2], floats[3], floats[4], floats[5], floats[6]
+    for start in range(0, pairs, _CHUNK):
+        n = min(_CHUNK, pairs - start)
+        w_u = words[start : start + n]
+        w_p = words[_HALF + start : _HALF + start + n]
+        for i in range(n):
+            hi[i] = _MAGIC84 | (w_u[i] >> _U32)
+            lo[i] = _MAGIC52 | (w_u[i] & _LOW32)
+        for i in range(n):
+            psi[i] = _MAGIC52 | (w_p[i] >> _U12)
+        for i in range(n):  # U = (w_U + 1/2)·2^-64, rounded as float(w_U) + 0.5
+            x[i] = (((hi_f[i] - _TWO84) + (lo_f[i] - _TWO52)) + 0.5) * 2.0**-64
+        for i in range(n):  # U = 2^e·m, m in [1/sqrt 2, sqrt 2): m's bits to lo, 2^52 + e + 1023 to hi
+            bits = x_bits[i]
+            m = (bits & _MANTISSA) | _ONE_BITS
+            big = m > _SQRT2_BITS
+            lo[i] = m - _EXP_ONE * big
+            hi[i] = _MAGIC52 | ((bits >> _U52) + big)
+        for i in range(n):  # r = s·sqrt(-2 ln U)
+            m = lo_f[i]
+            t = (m - 1.0) / (m + 1.0)
+            t2 = t * t
+            p = _A9
+            p = p * t2 + _A8
+            p = p * t2 + _A7
+            p = p * t2 + _A6
+            p = p * t2 + _A5
+            p = p * t2 + _A4
+            p = p * t2 + _A3
+            p = p * t2 + _A2
+            p = p * t2 + _A1
+            log_m = 2.0 * t + 2.0 * t * (t2 * p)
+            e = hi_f[i] - _BIAS
+            r[i] = math.sqrt((e * _LN2_HI + (e * _LN2_LO + log_m)) * c)
+        if radius.shape[0] >= pairs:
+            for i in range(n):
+                radius[start + i] = r[i]
+        for i in range(n):  # phi = psi·pi/4; sin by Taylor (Horner in phi^2), cos = sqrt(1 - sin^2)
+            phi = (psi_f[i] - _TWO52) * 2.0**-52
+            phi *= _PI_4
+            phi2 = phi * phi
+            sin = phi2 * _S0
+            sin += _S1
+            sin *= phi2
+            sin += _S2
+            sin *= phi2
+            sin += _S3
+            sin *= phi2
+            sin += _S4
+            sin *= phi2
+            sin += _S5
+            sin *= phi2
+            sin += _S6
+            sin *= phi
+            cos = math.sqrt(1.0 - sin * sin)
+            a[i] = sin * r[i]
+            b[i] = cos * r[i]
+        for i in range(n):  # octant: bit 0 swaps, bits 1 and 2 flip the signs
+            control = w_p[i]
+            swap = (a_bits[i] ^ b_bits[i]) & (_U0 - (control & _U1))
+            a_bits[i] = (a_bits[i] ^ swap) ^ ((control << _U62) & _TOP)
+            b_bits[i] = (b_bits[i] ^ swap) ^ ((control << _U61) & _TOP)
+        # rint, and the check that every point of the cell rounds alike: |y - rint(y)| must
+        # stay below 1/2 - (|y| + s)·2^-40, with |y| <= r; and w_U inside [_U_LOW, _U_HIGH)
+        out_a = out[start : start + n]
+        out_b = out[_HALF + start : _HALF + start + n]
+        flags_a = flags[start : start + n]
+        flags_b = flags[_HALF + start : _HALF + start + n]
+        for i in range(n):
+            k = np.rint(a[i])
+            out_a[i] = k
+            flags_a[i] = abs(a[i] - k) >= 0.5 - (r[i] + scale) * relative
+        for i in range(n):
+            k = np.rint(b[i])
+            out_b[i] = k
+            flags_b[i] = abs(b[i] - k) >= 0.5 - (r[i] + scale) * relative
+        for i in range(n):
+            wide = (w_u[i] - u_low) >= u_span  # w_U outside [_U_LOW, _U_HIGH): one wrapping compare
+            flags_a[i] |= wide
+            flags_b[i] |= wide
+        for i in range(n):
+            flagged += flags_a[i] + flags_b[i]
+    return flagged
+
+
+_NO_RADIUS = np.empty(0)
+_KERNEL_LOCK = threading.Lock()
+_COMPILED: list[Callable[..., int]] = []
+
+
+def _kernel() -> Callable[..., int]:
+    if not _COMPILED:
+        with _KERNEL_LOCK:
+            if not _COMPILED:
+                import numba  # type: ignore[import-untyped]  # imported here: only the gate needs it
+
+                # "contract" lets LLVM fuse a·b + c into one rounding: every bound above assumes
+                # at most one rounding per operation, so fusing only tightens them
+                jit = numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"contract"})
+                _COMPILED.append(jit(_draw_block))
+    return _COMPILED[0]
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's cache) the sampler's kernel now, so that the first
+    reply does not pay for it. Draws nothing."""
+    work = _workspace()
+    _kernel()(work.words, 0, 1.0, _RELATIVE, np.uint64(_U_LOW), np.uint64(_U_HIGH - _U_LOW), work.k, work.flags,
+              work.ints, work.floats, _NO_RADIUS)  # fmt: skip
+
+
 class _Workspace:
     """Per-thread buffers for one block, reused across calls (no page faults per reply)."""
 
@@ -297,15 +403,11 @@ class _Workspace:
         pairs = _HALF
         self.zeros = bytes(pairs * 8)
         self.keystream = bytearray(BLOCK * 8)
-        self.z = np.empty(BLOCK)
+        self.words = np.frombuffer(self.keystream, dtype="<u8")
         self.k = np.empty(BLOCK)
-        self.margin = np.empty(BLOCK)
-        self.ambiguous = np.empty(BLOCK, dtype=bool)
-        self.r = np.empty(pairs)
-        self.y = np.empty(pairs)
-        self.u64 = np.empty(pairs, dtype=np.uint64)
-        self.u64b = np.empty(pairs, dtype=np.uint64)
-        self.flag = np.empty(pairs, dtype=bool)
+        self.flags = np.zeros(BLOCK, dtype=np.uint8)
+        self.ints = np.empty((7, _CHUNK), dtype=np.uint64)
+        self.floats = self.ints.view(np.float64)
 
 
 _LOCAL = threading.local()
@@ -318,4 +420,4 @@ def _workspace() -> _Workspace:
     return work
 
 
-__all__ = ["BLOCK", "SAMPLER", "NoiseSource", "NoiseSourceSpent"]
+__all__ = ["BLOCK", "SAMPLER", "NoiseSource", "NoiseSourceSpent", "compile_kernels"]

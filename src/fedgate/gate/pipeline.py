@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedgate.canonical import decimal_str
 from fedgate.errors import GateRefusal, LedgerError
-from fedgate.flower_adapter import make_reply, message_from_bytes, recorddict_to_bytes, refusal
+from fedgate.flower_adapter import make_reply, message_head, refusal
 from fedgate.gate import rules
+from fedgate.gate.codec import encode_message, npy_array
 from fedgate.gate.decode import Instruction, decode_instruction, decode_reply, literal_round
 from fedgate.gate.entries import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_REVIEW_HELD, KIND_SENT
 from fedgate.gate.evidence import Bound, GateDecision, StageEvidence
@@ -87,6 +88,7 @@ class Outcome:
     seq: int
     cumulative_bits: float
     release: Release
+    wire: bytes | None = None  # issue 15: `message`'s exact bytes, when sent; the ledger recorded their content
 
 
 class GatePipeline:
@@ -125,7 +127,7 @@ class GatePipeline:
         state = self.state()
         refused_bound = Bound(timing_bits=self.policy.release.bits)  # a refusal still says "no", at some slot
         try:
-            message = message_from_bytes(raw)
+            message = message_head(raw)  # issue 15: the metadata only, without copying the model
         except ValueError as err:
             return Admission(
                 raw, None, arrived, state, refusal=GateRefusal("instruction", str(err)), bound=refused_bound
@@ -217,7 +219,7 @@ class GatePipeline:
             content = RecordDict()
             if model is not None:
                 content[instruction.model_key] = ArrayRecord(
-                    OrderedDict((n, Array(np.ascontiguousarray(v))) for n, v in model.items())
+                    OrderedDict((n, npy_array(np.ascontiguousarray(v))) for n, v in model.items())  # issue 15
                 )
             content["metrics"] = MetricRecord(dict(metrics.values))
             decision = GateDecision(True, category, tuple(stages), admission.bound, manifest, warnings=tuple(warnings))
@@ -238,9 +240,15 @@ class GatePipeline:
         release: Release,
     ) -> Outcome:
         state = admission.state
-        payloads: dict[str, bytes] = {}
+        payloads: dict[str, bytes | memoryview] = {}
+        sent: Message | None = None
+        wire: bytes | None = None
         if content is not None and decision.sent:
-            payloads["sent"] = recorddict_to_bytes(content)
+            # issue 15: the reply is encoded once; the ledger records a view of its content's bytes
+            assert admission.message is not None  # a sent decision had a readable instruction
+            sent = make_reply(admission.message, release.at, content, None)
+            wire, span = encode_message(sent)
+            payloads["sent"] = memoryview(wire)[span]
         elif outcome is not None and outcome.reply is not None:
             payloads["refused"] = outcome.reply  # kept at the hospital, so it can see what was stopped
         instruction = admission.instruction
@@ -268,17 +276,15 @@ class GatePipeline:
             "executor": outcome.executor if outcome is not None else {},
             "policy_hash": self.policy.hash,
         }
-        receipt = self.ledger.append(fields, payloads, state=new_state.to_json())  # durable before anything moves on
+        # durable before anything moves on
+        receipt = self.ledger.append(fields, payloads, state=new_state.to_json())
         wait_until(release.at)
         message: Message | None = None
         if admission.message is not None:
-            if decision.sent and content is not None:
-                message = make_reply(admission.message, release.at, content, None)
-            else:
-                message = refusal(admission.message, release.at, GENERIC_REFUSAL)
+            message = sent if sent is not None else refusal(admission.message, release.at, GENERIC_REFUSAL)
         if not decision.sent:
             log.warning("%s: refused a %s reply: %s", self.hospital, decision.message_type or "?", decision.reason)
-        return Outcome(message, decision, receipt.seq, new_state.cumulative_bits, release)
+        return Outcome(message, decision, receipt.seq, new_state.cumulative_bits, release, wire)
 
     def _record_policy(self, run_id: int, state: GateState) -> None:
         """The full policy goes into the ledger once per run (and again if it changed)."""

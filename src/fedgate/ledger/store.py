@@ -211,7 +211,7 @@ class Ledger:
     def append(
         self,
         fields: Mapping[str, Any],
-        payloads: Mapping[str, bytes] | None = None,
+        payloads: Mapping[str, bytes | memoryview] | None = None,
         state: Mapping[str, Any] | None = None,
     ) -> Receipt:
         """Record one event durably. `fields` must be canonical-JSON-safe; `seq`, `time` and
