@@ -439,6 +439,16 @@ def test_headers_off_the_canonical_form_go_to_numpys_reader(header: bytes) -> No
     assert decode._canonical_header(data) is None
 
 
+def test_negative_dimensions_are_refused_even_when_their_product_fits() -> None:
+    """numpy's header reader accepts (-2, -3): six values, a positive count; the gate refuses."""
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (-2, -3), }"
+    padded = header + b" " * (-(len(header) + 11) % 64) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(padded).to_bytes(2, "little") + padded + bytes(24)
+    array = codec.WireArray("float32", (-2, -3), "numpy.ndarray", memoryview(data))
+    with pytest.raises(GateRefusal, match="shape"):
+        decode.decode_array("w", array)
+
+
 def test_the_gate_ships_exactly_the_bytes_its_ledger_recorded(tmp_path: Path) -> None:
     """What leaves (`Outcome.wire`) is Flower's serialisation of `Outcome.message`, and its
     content is byte for byte the payload the ledger hashed and stored before release."""

@@ -17,7 +17,7 @@ from conftest import RUN_ID, gate_for, instruction, through_gate
 from fedgate.errors import LedgerError
 from fedgate.flower_adapter import metadata_fields, recorddict_to_bytes
 from fedgate.gate.pipeline import GENERIC_REFUSAL
-from fedgate.gate.release import schedule
+from fedgate.gate.release import after_review, schedule
 from fedgate.ledger.verify import verify_ledger
 from fedgate.policy.model import ReleasePolicy
 from malicious_apps import ATTACKS, CANARY, CANARY_TEXT, honest
@@ -164,6 +164,14 @@ def test_release_time_is_a_slot_boundary_not_the_apps_compute_time() -> None:
     assert schedule(policy, arrived, 1013.7).at == 1016.0
 
 
+def test_a_reviewed_reply_leaves_on_the_grid_after_the_decision() -> None:
+    policy = ReleasePolicy(slot_s=1.0, max_slots=8)
+    first = schedule(policy, 1000.0, 1000.3)
+    assert after_review(policy, first, 1000.7).at == 1001.0  # decided within the app's slot
+    assert after_review(policy, first, 1042.2).at == 1043.0  # a long review: the next slot, not a late refusal
+    assert not after_review(policy, first, 1042.2).late
+
+
 def test_compute_time_inside_a_slot_does_not_move_the_release(tmp_path: Path) -> None:
     gate = gate_for(tmp_path, release=ReleasePolicy(slot_s=0.4, max_slots=16))
     offsets = []
@@ -263,3 +271,32 @@ def test_the_state_keeps_a_bounded_number_of_server_chosen_run_ids() -> None:
     assert len(state.run_bits) == len(state.recorded_policies) == RUNS_KEPT
     assert list(state.run_bits)[-1] == str(RUNS_KEPT + 49)  # the latest kept, the oldest dropped
     assert state.cumulative_bits == RUNS_KEPT + 50  # the hospital-wide total never forgets
+
+
+@pytest.mark.parametrize("stage", ["decode_instruction", "check_budget"])
+def test_an_exception_at_admission_is_a_recorded_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """Any exception while reading or checking the instruction (not only a GateRefusal) ends in
+    a refusal on record and a generic error: the gate fails closed, and never runs the app."""
+    import fedgate.gate.pipeline as pipeline
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("an unforeseen instruction")
+
+    if stage == "decode_instruction":
+        monkeypatch.setattr(pipeline, "decode_instruction", broken)
+    else:
+        monkeypatch.setattr(pipeline.rules, "check_budget", broken)
+    gate = gate_for(tmp_path)
+    ran: list[bool] = []
+
+    def app(msg: Message) -> Message:
+        ran.append(True)
+        return honest(msg)
+
+    out = through_gate(gate, instruction(), app)
+    assert not ran and not out.decision.sent
+    assert out.message is not None and out.message.error.reason == GENERIC_REFUSAL
+    entry = gate.ledger.entries()[out.seq]
+    assert entry["kind"] == "reply-refused" and "unforeseen" in entry["decision"]["reason"]

@@ -117,6 +117,8 @@ def decode_array(name: str, array: Array | WireArray) -> np.ndarray:
     if parsed is None:
         parsed = _numpy_header(name, data)
     shape, fortran, dtype, offset = parsed
+    if any(type(d) is not int or d < 0 for d in shape):  # numpy reads (-2, -3): 6 values
+        raise GateRefusal("array-encoding", f"tensor {name!r} has shape {list(shape)}", key=name)
     if dtype.kind not in ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise GateRefusal("array-encoding", f"tensor {name!r} has dtype {dtype}", key=name)
     if not dtype.isnative:

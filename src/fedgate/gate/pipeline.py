@@ -36,7 +36,7 @@ from fedgate.gate.decode import Instruction, decode_instruction, decode_reply, l
 from fedgate.gate.entries import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_REVIEW_HELD, KIND_SENT
 from fedgate.gate.evidence import Bound, GateDecision, StageEvidence
 from fedgate.gate.noise import NoiseSource
-from fedgate.gate.release import Release, schedule, wait_until
+from fedgate.gate.release import Release, after_review, schedule, wait_until
 from fedgate.gate.review import hold_for_review
 from fedgate.gate.state import GateState
 from fedgate.ledger.store import Ledger
@@ -138,6 +138,9 @@ class GatePipeline:
             instruction = decode_instruction(raw, self.policy.allowed_types)
         except GateRefusal as err:
             return Admission(raw, message, arrived, state, refusal=err, bound=refused_bound)
+        except Exception as err:  # fail closed: an instruction the decoder chokes on is refused, on record
+            refused = GateRefusal("instruction", f"{type(err).__name__}: {err}"[:500])
+            return Admission(raw, message, arrived, state, refusal=refused, bound=refused_bound)
         stages: list[StageEvidence] = []
         gate_round = 0
         bound = refused_bound
@@ -151,6 +154,9 @@ class GatePipeline:
             stages.append(rules.check_budget(state, self.policy, message.metadata.run_id, bound.total))
         except GateRefusal as err:
             return Admission(raw, message, arrived, state, instruction, err, bound, gate_round, tuple(stages))
+        except Exception as err:  # fail closed, as above
+            refused = GateRefusal("gate-error", f"{type(err).__name__}: {err}"[:500])
+            return Admission(raw, message, arrived, state, instruction, refused, bound, gate_round, tuple(stages))
         return Admission(raw, message, arrived, state, instruction, None, bound, gate_round, tuple(stages))
 
     def _bound(self, instruction: Instruction) -> Bound:
@@ -184,7 +190,7 @@ class GatePipeline:
         ):
             wait_until(release.at)  # the item appears at a slot boundary, not when the app finished
             decision, content = hold_for_review(self, admission, decision, content)
-            release = replace(release, at=max(release.at, time.time()))
+            release = after_review(self.policy.release, release, time.time())
         if finalize is not None and content is not None and decision.sent:
             try:
                 content, decision = finalize(content, decision)

@@ -41,6 +41,15 @@ def schedule(policy: ReleasePolicy, arrived: float, ready: float) -> Release:
     return Release(arrived, ready, slot, arrived + slot * policy.slot_s, False)
 
 
+def after_review(policy: ReleasePolicy, release: Release, decided: float) -> Release:
+    """A reviewed reply leaves at the first slot boundary (counted from the arrival, as every
+    release) after the reviewer's decision: the reviewer's pace, not the ClientApp's, sets it,
+    and it still lands on the grid. The review may outlast the horizon; that is the human's
+    call, so it is not refused as late."""
+    slot = max(release.slot, math.ceil((decided - release.arrived) / policy.slot_s))
+    return Release(release.arrived, release.ready, slot, release.arrived + slot * policy.slot_s, False)
+
+
 def wait_until(moment: float) -> None:
     """Sleep until the wall-clock `moment` (no earlier; a few ms later is the OS's jitter)."""
     while (left := moment - time.time()) > 0:
