@@ -153,8 +153,9 @@ class SandboxWorker:
         as_root = os.geteuid() == 0
         if as_root and self.spec.data_dir is not None and (self.spec.data_dir.stat().st_mode & 0o005) != 0o005:
             raise SandboxError(
-                f"the data folder {self.spec.data_dir} is not readable by the sandbox's own uid (the node runs as root; "
-                f"the sandbox never does): run the node as the data's owner (recommended), or chmod o+rx it"
+                f"the data folder {self.spec.data_dir} is not readable by the sandbox's own uid "
+                f"(the node runs as root; the sandbox never does): run the node as the data's owner "
+                f"(recommended), or chmod o+rx it"
             )
         if self.spec.cache_seed is not None:
             self.spec.cache_seed.mkdir(parents=True, exist_ok=True, mode=0o755)
