@@ -162,3 +162,17 @@ def test_calibrated_noise_is_the_smallest_that_meets_the_target() -> None:
 
     z = calibrate_noise_multiplier(history, 3.0, 1e-5, tolerance=0.01)
     assert record_level(history(z), 1e-5).epsilon <= 3.0 < record_level(history(z - 0.01), 1e-5).epsilon
+
+
+@pytest.mark.parametrize("z", [0.01, 0.5, 1.0, 3.0])
+def test_gate_replies_alone_are_accounted_exactly_and_agree_with_the_pld(z: float) -> None:
+    """A history of gate replies is one Gaussian mechanism: ε is exact ("gaussian"), never above
+    the PLD's pessimistic figure and within its discretisation of it."""
+    from fedgate.privacy.accountant import PLD_DISCRETISATION, _dp_events, _pld_epsilon
+
+    events = merge([UpdateNoiseEvent(z, 7), UpdateNoiseEvent(2 * z, 5)])
+    statement = hospital_level(events, 1e-5)
+    assert statement.accountant == "gaussian" and statement.discretisation is None
+    pld = _pld_epsilon(_dp_events(events, 1.0), 1e-5, max(PLD_DISCRETISATION, statement.epsilon_by("rdp") * 1e-5))
+    assert statement.epsilon <= pld <= statement.epsilon * (1 + 1e-3) + 1e-2
+    assert record_level(events, 1e-5).epsilon > statement.epsilon  # record level: sensitivity 2C

@@ -7,8 +7,10 @@ importing that app. `tests/apps/test_hospital_share.py` holds the two equal."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +76,43 @@ def hospital_dataset(
 def global_test_dataset(share: ShareSpec, n_hospitals: int) -> ImageSet:
     """The held-out split no hospital trains on (the server's evaluation set)."""
     return split_shares(share, n_hospitals)[0]
+
+
+@dataclass(frozen=True)
+class HospitalData:
+    """The images trusted mode trains on, chosen by the hospital and never by the recipe: a
+    whole dataset (`dataset`: a `load_dataset` spec; a real hospital), or in a simulation one
+    simulated hospital's share (`share`, `index` of `hospitals`). Either way 90 % train, 10 %
+    local validation (what evaluate instructions are answered on)."""
+
+    dataset: str
+    share: ShareSpec | None = None
+    index: int = 0
+    hospitals: int = 1
+
+    def load(self, image_size: int) -> tuple[ImageSet, ImageSet]:
+        """(train, validation) at `image_size` (the recipe's input size)."""
+        if self.share is not None:
+            s = self.share
+            return hospital_dataset(
+                s.dataset, self.index, self.hospitals, image_size=image_size, subset=s.subset,
+                partition=s.partition, alpha=s.alpha, test_fraction=s.test_fraction, seed=s.seed,
+            )  # fmt: skip
+        data = _dataset(self.dataset, image_size, 0, 0)
+        order = np.random.default_rng([0, 5]).permutation(len(data))
+        n_val = max(1, len(data) // 10)
+        return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+
+    def to_json(self) -> dict[str, Any]:
+        share = None if self.share is None else dataclasses.asdict(self.share)
+        return {"dataset": self.dataset, "share": share, "index": self.index, "hospitals": self.hospitals}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HospitalData:
+        share = None if data.get("share") is None else ShareSpec(**data["share"])
+        return cls(str(data["dataset"]), share, int(data["index"]), int(data["hospitals"]))
+
+    def describe(self) -> str:
+        if self.share is None:
+            return self.dataset
+        return f"{self.share.dataset}, simulated hospital {self.index} of {self.hospitals}"

@@ -146,7 +146,7 @@ def _parse(raw: dict[str, Any]) -> Entry:
             released_at=_float(dict(raw["release"])["at"]),
             decision=decision,
             executor=dict(raw.get("executor", {})),
-            privacy=dict(raw.get("privacy", {})),
+            privacy=dict(raw.get("privacy") or {}),
         )
     if kind in (KIND_REVIEW_HELD, KIND_REVIEW):
         payloads = dict(raw.get("payloads", {}))

@@ -30,7 +30,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fedgate.canonical import decimal_str
 from fedgate.errors import GateRefusal, LedgerError
 from fedgate.flower_adapter import make_reply, message_head, refusal
-from fedgate.gate import rules
+from fedgate.gate import accounting, rules
+from fedgate.gate.accounting import PrivacyPlan
 from fedgate.gate.codec import encode_message, npy_array
 from fedgate.gate.decode import Instruction, decode_instruction, decode_reply, literal_round
 from fedgate.gate.entries import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_REVIEW_HELD, KIND_SENT
@@ -41,6 +42,7 @@ from fedgate.gate.review import hold_for_review
 from fedgate.gate.state import GateState
 from fedgate.ledger.store import Ledger
 from fedgate.policy import Policy
+from fedgate.privacy import DpSgdEvent
 
 log = logging.getLogger("fedgate.gate")
 
@@ -72,6 +74,7 @@ class Admission:
     bound: Bound = field(default_factory=Bound)
     gate_round: int = 0
     stages: tuple[StageEvidence, ...] = ()
+    privacy: PrivacyPlan | None = None  # what sending costs in ε (None: no update is released)
 
     @property
     def run_id(self) -> int:
@@ -122,7 +125,9 @@ class GatePipeline:
 
     # -- before the ClientApp runs -------------------------------------------------------------
 
-    def admit(self, raw: bytes, arrived: float | None = None) -> Admission:
+    def admit(self, raw: bytes, arrived: float | None = None, dp_sgd: DpSgdEvent | None = None) -> Admission:
+        """Before any code runs. `dp_sgd`: the trusted trainer's planned DP-SGD event (the
+        hospital's own code computed it from the recipe and its data); None for a gated reply."""
         arrived = time.time() if arrived is None else arrived
         state = self.state()
         refused_bound = Bound(timing_bits=self.policy.release.bits)  # a refusal still says "no", at some slot
@@ -152,12 +157,14 @@ class GatePipeline:
                 gate_round = state.gate_round(instruction.manifest.hash)
             bound = self._bound(instruction)
             stages.append(rules.check_budget(state, self.policy, message.metadata.run_id, bound.total))
+            history = accounting.PrivacyHistory.from_json(state.privacy_history)
+            privacy = accounting.plan(self.policy, history, instruction.manifest, dp_sgd)
         except GateRefusal as err:
             return Admission(raw, message, arrived, state, instruction, err, bound, gate_round, tuple(stages))
         except Exception as err:  # fail closed, as above
             refused = GateRefusal("gate-error", f"{type(err).__name__}: {err}"[:500])
             return Admission(raw, message, arrived, state, instruction, refused, bound, gate_round, tuple(stages))
-        return Admission(raw, message, arrived, state, instruction, None, bound, gate_round, tuple(stages))
+        return Admission(raw, message, arrived, state, instruction, None, bound, gate_round, tuple(stages), privacy)
 
     def _bound(self, instruction: Instruction) -> Bound:
         """The bound a sent reply to this instruction has: fixed by the policy and the model's
@@ -264,9 +271,11 @@ class GatePipeline:
             halt = f"{decision.rule} at {release.at:.0f}: {decision.reason[:200]}"
         pin = manifest if decision.sent and manifest and not self.policy.approved_manifest else ""
         counted = decision.bound.total if decision.sent else decision.bound.refused().total
+        spent = admission.privacy if decision.sent else None  # ε is spent by what leaves
         new_state = state.after(
-            admission.run_id, counted, decision.sent, manifest, counts_round=bool(manifest), halt=halt, pin=pin
-        )
+            admission.run_id, counted, decision.sent, manifest, counts_round=bool(manifest), halt=halt, pin=pin,
+            **(_privacy_state(state, spent) if spent is not None else {}),
+        )  # fmt: skip
         fields = {
             "kind": KIND_SENT if decision.sent else KIND_REFUSED,
             "run_id": admission.run_id,
@@ -281,6 +290,7 @@ class GatePipeline:
             "isolation": outcome.isolation if outcome is not None else {"mode": "none", "enforced": True},
             "executor": outcome.executor if outcome is not None else {},
             "policy_hash": self.policy.hash,
+            "privacy": spent.to_json() if spent is not None else None,
         }
         # durable before anything moves on
         receipt = self.ledger.append(fields, payloads, state=new_state.to_json())
@@ -302,6 +312,20 @@ class GatePipeline:
 
     def record_review(self, fields: dict[str, Any], payloads: dict[str, bytes] | None = None) -> int:
         return self.ledger.append({**fields, "hospital": self.hospital}, payloads).seq
+
+
+def _privacy_state(state: GateState, spent: accounting.PrivacyPlan) -> dict[str, Any]:
+    """The gate state's privacy fields after `spent` was sent: the merged history, and the new
+    cumulative figures as recorded (what `fedgate run`'s summary and the report read)."""
+    history = accounting.PrivacyHistory.from_json(state.privacy_history).plus(spent.record, spent.hospital)
+    modes = sorted({*state.privacy_last.get("modes", []), spent.mode})
+    last = {
+        "delta": repr(spent.delta),
+        "record_level": spent.to_json()["record_level"]["cumulative"],
+        "hospital_level": spent.to_json()["hospital_level"]["cumulative"],
+        "modes": modes,
+    }
+    return {"privacy_history": history.to_json(), "privacy_last": last}
 
 
 LOCK_FILE = ".gate.lock"

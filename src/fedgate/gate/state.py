@@ -30,6 +30,10 @@ class GateState:
     rounds: dict[str, int] = field(default_factory=dict)  # train replies per model manifest
     run_bits: dict[str, float] = field(default_factory=dict)  # per run id, for a per-run budget
     recorded_policies: dict[str, str] = field(default_factory=dict)  # run id -> policy hash in the ledger
+    # gate.accounting: merged privacy events of every sent reply ({"record": [...], "hospital": [...]}),
+    # and the cumulative ε as the last sent reply recorded it (with δ, accountants and modes)
+    privacy_history: dict[str, Any] = field(default_factory=dict)
+    privacy_last: dict[str, Any] = field(default_factory=dict)
 
     def with_policy(self, run_id: int, policy_hash: str) -> GateState:
         recorded = {k: v for k, v in self.recorded_policies.items() if k != str(run_id)}
@@ -52,6 +56,8 @@ class GateState:
         counts_round: bool,
         halt: str = "",
         pin: str = "",
+        privacy_history: dict[str, Any] | None = None,
+        privacy_last: dict[str, Any] | None = None,
     ) -> GateState:
         rounds = dict(self.rounds)
         if counts_round and manifest:
@@ -69,6 +75,8 @@ class GateState:
             pinned_manifest=self.pinned_manifest or pin,
             rounds=rounds,
             run_bits=run_bits,
+            privacy_history=self.privacy_history if privacy_history is None else privacy_history,
+            privacy_last=self.privacy_last if privacy_last is None else privacy_last,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +92,8 @@ class GateState:
             # lists, not objects: canonical JSON sorts keys, and the order (latest last) matters
             "run_bits": [[k, decimal_str(v, 17)] for k, v in self.run_bits.items()],
             "recorded_policies": [[k, v] for k, v in self.recorded_policies.items()],
+            "privacy_history": self.privacy_history,
+            "privacy_last": self.privacy_last,
         }
 
     @classmethod
@@ -102,4 +112,6 @@ class GateState:
             rounds={str(k): int(v) for k, v in dict(data["rounds"]).items()},
             run_bits={str(k): float(v) for k, v in data["run_bits"]},
             recorded_policies={str(k): str(v) for k, v in data["recorded_policies"]},
+            privacy_history=dict(data.get("privacy_history") or {}),
+            privacy_last=dict(data.get("privacy_last") or {}),
         )

@@ -14,6 +14,7 @@ from typing import Any
 from fedgate.canonical import canonical_json, decimal_str
 from fedgate.errors import PolicyError
 from fedgate.fab.policy import FabPolicy, parse_fab_policy
+from fedgate.training.policy import TrainingPolicy
 
 MESSAGE_TYPES = ("train", "evaluate", "query")
 
@@ -90,6 +91,21 @@ class SandboxPolicy:
 
 
 @dataclass(frozen=True)
+class PrivacyPolicy:
+    """[privacy]: the (ε, δ) the hospital enforces. Every sent reply's ε (the round's and the
+    cumulative, across runs) is recorded at `delta`; with `max_epsilon`, a round that would
+    take the cumulative ε at `level` past it is refused before any code runs."""
+
+    delta: float = 1e-5
+    max_epsilon: float | None = None
+    level: str = "record"  # "record": per patient; "hospital": the hospital's whole update
+
+    def to_json(self) -> dict[str, Any]:
+        limit = None if self.max_epsilon is None else decimal_str(self.max_epsilon)
+        return {"delta": decimal_str(self.delta), "max_epsilon": limit, "level": self.level}
+
+
+@dataclass(frozen=True)
 class ReleasePolicy:
     """[release]: when a reply may leave. Its release time is the only thing about timing the
     server sees, so the gate sets it: the first of `max_slots` slots of `slot_s` seconds after
@@ -130,6 +146,8 @@ class Policy:
     release: ReleasePolicy = ReleasePolicy()
     budget_scope: str = "hospital"
     fab: FabPolicy = field(default_factory=FabPolicy)
+    training: TrainingPolicy = field(default_factory=TrainingPolicy)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def review_required(self, gate_round: int, warnings: tuple[str, ...]) -> bool:
         """`gate_round` is the gate's own count of train replies for the model in force,
@@ -187,6 +205,11 @@ class Policy:
             "release": self.release.to_json(),
             "budget": {"max_total_bits": decimal_str(self.max_total_bits), "scope": self.budget_scope},
             "fab": self.fab.to_json(),
+            "training": {
+                key: decimal_str(value) if isinstance(value, float) else value
+                for key, value in self.training.to_dict().items()
+            },
+            "privacy": self.privacy.to_json(),
         }
 
     @property
@@ -239,7 +262,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source} is not valid TOML: {err}") from err
     known = {
         "manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "sandbox", "release",
-        "budget", "fab",
+        "budget", "fab", "training", "privacy",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     _require(not unknown, "policy", f"unknown table(s) {unknown}; expected {sorted(known)}")
@@ -378,7 +401,25 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         release=release_policy,
         budget_scope=budget_scope,
         fab=_parse_fab(data.get("fab", {})),
+        training=_parse_training(data.get("training", {})),
+        privacy=_parse_privacy(_Section(data, "privacy")),
     )
+
+
+def _parse_training(table: Any) -> TrainingPolicy:
+    _require(isinstance(table, dict), "training", "must be a table")
+    return TrainingPolicy.from_dict(table)
+
+
+def _parse_privacy(section: _Section) -> PrivacyPolicy:
+    delta = section.get("delta", float, 1e-5)
+    max_epsilon = section.get("max_epsilon", float, 0.0)
+    level = section.get("level", str, "record")
+    section.finish()
+    _require(0 < delta < 1, "privacy.delta", f"must be in (0, 1), got {delta}")
+    _require(math.isfinite(max_epsilon) and max_epsilon >= 0, "privacy.max_epsilon", "must be >= 0 (0: no limit)")
+    _require(level in ("record", "hospital"), "privacy.level", f"must be 'record' or 'hospital', got {level!r}")
+    return PrivacyPolicy(delta, max_epsilon or None, level)
 
 
 def _parse_fab(table: Any) -> FabPolicy:

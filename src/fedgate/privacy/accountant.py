@@ -3,7 +3,9 @@
 The primary accountant is the privacy loss distribution (PLD: Koskela et al. 2020, Doroshenko
 et al. 2022), which is tight up to its discretisation and, as dp-accounting computes it
 (pessimistic estimate), always an upper bound. RDP (Mironov 2017) is computed alongside because
-it is what most papers and Opacus' default report; it is looser. Callers never touch
+it is what most papers and Opacus' default report; it is looser. A history of gate replies only
+(no DP-SGD) is one Gaussian mechanism: its ε is computed exactly instead (accountant
+"gaussian"), in milliseconds, so the gate can account every reply on its path. Callers never touch
 dp-accounting: they pass fedgate events and get an `EpsilonStatement`.
 
 History: the caller passes every event that touched the data, across rounds *and runs*; the
@@ -33,11 +35,13 @@ from dp_accounting import pld, rdp
 
 from fedgate.privacy.events import DpSgdEvent, PrivacyError, PrivacyEvent, UpdateNoiseEvent
 from fedgate.privacy.statement import NEIGHBOURING, EpsilonStatement, Level
+from fedgate.privacy.zcdp import epsilon_from_rho
 
 Accountant = Literal["pld", "rdp"]
 ACCOUNTANTS: tuple[Accountant, ...] = ("pld", "rdp")
 PLD_DISCRETISATION = 1e-3  # ε moves in the 4th decimal against dp-accounting's 1e-4, 10x faster
 LIBRARY = f"dp-accounting {version('dp-accounting')}"
+GAUSSIAN = "gaussian"  # exact: a history of gate replies only is one Gaussian mechanism
 
 
 def _check_delta(delta: float) -> None:
@@ -118,6 +122,8 @@ def _statement(
     merged = merge(events)
     dp_events = _dp_events(merged, update_sensitivity)
     eps_rdp = _rdp_epsilon(dp_events, delta) if merged else 0.0
+    if merged and all(isinstance(event, UpdateNoiseEvent) for event in merged):
+        return _gaussian_statement(level, merged, delta, eps_rdp, neighbouring, update_sensitivity)
     # The PLD's support grows with ε: for the gate's z = 0.01 (ε ~ 6e4) a fixed 1e-3 grid would
     # need gigabytes. Coarsen it with the RDP upper bound, keeping the relative error ~1e-5.
     discretisation = max(PLD_DISCRETISATION, eps_rdp * 1e-5) if math.isfinite(eps_rdp) else PLD_DISCRETISATION
@@ -138,6 +144,40 @@ def _statement(
         neighbouring=neighbouring,
         library=LIBRARY,
         discretisation=discretisation,
+    )
+
+
+def _gaussian_statement(
+    level: Level,
+    merged: tuple[PrivacyEvent, ...],
+    delta: float,
+    eps_rdp: float,
+    neighbouring: str,
+    update_sensitivity: float,
+) -> EpsilonStatement:
+    """Gate replies only (no subsampling): Gaussian mechanisms compose to one Gaussian mechanism
+    with μ² = Σ count·(k/z)² (μ-GDP, Dong, Roth & Su 2019), whose ε(δ) is exact (the analytic
+    Gaussian mechanism, Balle & Wang 2018). Tighter than the PLD (no discretisation) and about
+    100x cheaper, so every gated reply can be accounted on the gate's path."""
+    mu_squared = 0.0
+    for event in merged:
+        assert isinstance(event, UpdateNoiseEvent)
+        mu_squared += (
+            math.inf
+            if event.noise_multiplier == 0
+            else event.count * (update_sensitivity / event.noise_multiplier) ** 2
+        )
+    exact = epsilon_from_rho(mu_squared / 2.0, delta)
+    return EpsilonStatement(
+        level=level,
+        epsilon=exact,
+        delta=float(delta),
+        accountant=GAUSSIAN,
+        alongside=(("rdp", eps_rdp),),
+        events=merged,
+        neighbouring=neighbouring,
+        library=LIBRARY,
+        discretisation=None,
     )
 
 

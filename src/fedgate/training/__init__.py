@@ -7,13 +7,26 @@ against the hospital's `[training]` policy, planned, and run with Opacus on the 
     event = fedgate.training.plan.planned_event(recipe, len(train_set))   # what is accounted
     result = fedgate.training.trainer.train_dp(recipe, train_set, arrays, seed=None)
 
-This package imports only the light modules (the reference app imports the zoo from here);
+Importing this package loads no torch: the policy parser and the recipe reader need only the
+catalogue. The zoo's names (`ZOO`, `build_model`, ...) import torch on first use.
 `plan` (dp-accounting) and `trainer` (Opacus) are imported where they are used."""
+
+from typing import Any
 
 from fedgate.training.errors import RecipeError
 from fedgate.training.policy import MODES, TrainingPolicy, validate_recipe
 from fedgate.training.recipe import PREFIX, Recipe, recipe_to_config
-from fedgate.training.zoo import ZOO, build_model, check_arrays, manifest, manifest_of_arrays, zoo_names
+
+_ZOO_NAMES = ("ZOO", "build_model", "check_arrays", "manifest", "manifest_of_arrays", "zoo_names")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ZOO_NAMES:
+        from fedgate.training import zoo
+
+        return getattr(zoo, name)
+    raise AttributeError(f"module 'fedgate.training' has no attribute {name!r}")
+
 
 __all__ = [
     "MODES",

@@ -10,6 +10,7 @@
     max_batch_size = 512             # expected Poisson batch
     max_image_size = 256
     max_lr = 1.0
+    dataset = "folder:/srv/fedgate/images"   # the images trusted mode trains on (never the recipe's choice)
 
 Default-deny: a key the table does not know is an error, and the defaults allow only the
 small CNN. Each refusal names its rule (`training.<key>`) and the recipe key it concerns."""
@@ -22,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedgate.errors import PolicyError
+from fedgate.training.catalogue import CATALOGUE
 from fedgate.training.errors import RecipeError
 from fedgate.training.recipe import OPTIMIZERS, Recipe
-from fedgate.training.zoo import ZOO
 
 MODES = ("gated", "trusted", "both")
 
@@ -40,6 +41,7 @@ class TrainingPolicy:
     max_batch_size: int = 512
     max_image_size: int = 256
     max_lr: float = 1.0
+    dataset: str = ""  # a `fedgate.data.load_dataset` spec; "" in simulation (each hospital's share)
 
     @property
     def allows_trusted(self) -> bool:
@@ -72,12 +74,16 @@ class TrainingPolicy:
 
 def _parse(key: str, value: Any) -> Any:
     where = f"training.{key}"
+    if key == "dataset":
+        if not isinstance(value, str):
+            raise PolicyError(f"{where} must be a dataset spec string (folder:DIR, dicom:DIR, npz:PATH, br35h)")
+        return value
     if key == "mode":
         if value not in MODES:
             raise PolicyError(f"{where} must be one of {', '.join(MODES)}, got {value!r}")
         return value
     if key in ("allowed_models", "allowed_optimizers"):
-        choices = tuple(ZOO) if key == "allowed_models" else OPTIMIZERS
+        choices = tuple(CATALOGUE) if key == "allowed_models" else OPTIMIZERS
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise PolicyError(f"{where} must be a list of names, got {value!r}")
         for name in value:

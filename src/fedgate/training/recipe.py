@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fedgate.training.catalogue import CATALOGUE, model_spec
 from fedgate.training.errors import RecipeError
-from fedgate.training.zoo import ZOO, zoo_entry
 
 PREFIX = "recipe."
 OPTIMIZERS = ("sgd", "adam")
@@ -34,7 +34,7 @@ class _Key:
 
 # Sanity bounds only (an lr of 1e6, 0 classes, a NaN): what a hospital allows is its policy's job.
 _KEYS: dict[str, _Key] = {
-    "model": _Key(str, choices=tuple(ZOO)),
+    "model": _Key(str, choices=tuple(CATALOGUE)),
     "image-size": _Key(int, 8, 1024),
     "classes": _Key(int, 2, 1000),
     "optimizer": _Key(str, choices=OPTIMIZERS),
@@ -67,7 +67,7 @@ class Recipe:
     def __post_init__(self) -> None:
         for field in fields(self):
             _check(field.name.replace("_", "-"), getattr(self, field.name))
-        zoo_entry(self.model).check_image_size(self.image_size)
+        model_spec(self.model).check_image_size(self.image_size)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Recipe:

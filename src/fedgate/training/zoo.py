@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedgate.gate.manifest import Manifest
+from fedgate.training.catalogue import CATALOGUE, ModelSpec, model_spec
 from fedgate.training.errors import RecipeError
 from fedgate.training.networks import BasicBlock, ResNet18, ScatterNetLinear, SmallCNN, densenet121_gn
 
@@ -37,57 +38,21 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ZooModel:
-    """One zoo entry. `image_size_multiple` / `min_image_size`: input sizes the network accepts."""
+class ZooModel(ModelSpec):
+    """A catalogue entry with its network builder."""
 
-    name: str
-    summary: str
-    min_image_size: int
-    image_size_multiple: int
     build: Callable[[int, int], nn.Module]  # (n_classes, image_size) -> network
 
-    def check_image_size(self, image_size: int) -> None:
-        if image_size < self.min_image_size or image_size % self.image_size_multiple:
-            raise RecipeError(
-                "recipe.image-size",
-                f"{self.name} takes images of at least {self.min_image_size} pixels, a multiple of "
-                f"{self.image_size_multiple}; got {image_size}",
-                key="recipe.image-size",
-                value=image_size,
-            )
 
-
+_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "small-cnn": lambda n_classes, image_size: SmallCNN(n_classes=n_classes, image_size=image_size),
+    "resnet18-gn": lambda n_classes, image_size: ResNet18(n_classes=n_classes),
+    "densenet121-gn": lambda n_classes, image_size: densenet121_gn(n_classes),
+    "scatternet-linear": lambda n_classes, image_size: ScatterNetLinear(n_classes=n_classes, image_size=image_size),
+}
+assert set(_BUILDERS) == set(CATALOGUE), "every catalogue entry needs a builder, and only those"
 ZOO: Mapping[str, ZooModel] = MappingProxyType(
-    {
-        "small-cnn": ZooModel(
-            "small-cnn",
-            "4 conv blocks with GroupNorm, flat linear head (63k parameters at 64x64)",
-            16,
-            16,
-            lambda n_classes, image_size: SmallCNN(n_classes=n_classes, image_size=image_size),
-        ),
-        "resnet18-gn": ZooModel(
-            "resnet18-gn",
-            "ResNet-18 layout with GroupNorm (11M parameters)",
-            8,
-            8,
-            lambda n_classes, image_size: ResNet18(n_classes=n_classes),
-        ),
-        "densenet121-gn": ZooModel(
-            "densenet121-gn",
-            "MONAI DenseNet121, 2-D, GroupNorm(8), out-of-place ReLU (7M parameters)",
-            32,
-            32,
-            lambda n_classes, image_size: densenet121_gn(n_classes),
-        ),
-        "scatternet-linear": ZooModel(
-            "scatternet-linear",
-            "fixed wavelet scattering (J=2, L=8), GroupNorm, one linear layer (41k parameters at 64x64)",
-            16,
-            4,
-            lambda n_classes, image_size: ScatterNetLinear(n_classes=n_classes, image_size=image_size),
-        ),
-    }
+    {name: ZooModel(**vars(spec), build=_BUILDERS[name]) for name, spec in CATALOGUE.items()}
 )
 
 
@@ -96,12 +61,8 @@ def zoo_names() -> tuple[str, ...]:
 
 
 def zoo_entry(name: str) -> ZooModel:
-    entry = ZOO.get(name)
-    if entry is None:
-        raise RecipeError(
-            "recipe.model", f"{name!r} is not in fedgate's zoo ({', '.join(ZOO)})", key="recipe.model", value=name
-        )
-    return entry
+    model_spec(name)  # the catalogue's refusal for an unknown name
+    return ZOO[name]
 
 
 def build_model(name: str, n_classes: int, image_size: int) -> nn.Module:
