@@ -205,26 +205,85 @@ def demo(
     no_isolation: Annotated[
         bool, typer.Option("--no-isolation", help="Unsandboxed ClientApps (for speed; nothing enforced).")
     ] = False,
+    secagg: Annotated[
+        bool,
+        typer.Option(
+            help="Secure aggregation run by each hospital's gate: Flower's SecAgg+ path (a legacy FedAvg with "
+            "fedgate's SecAgg+ workflow), the server sees only the sum; the policy's [secagg] table, or a "
+            "majority threshold."
+        ),
+    ] = False,
 ) -> None:
     """The main job: brain-MRI tumour classification (Br35H) across 5 hospitals with
     Dirichlet(0.5) label skew, each hospital's ClientApp sandboxed, every reply gated,
     clipped, noised and recorded."""
-    if deploy:
-        from fedgate.executor.local_federation import run_local_deployment
+    config: dict[str, bool | int | float | str] = dict(DEMO_CONFIG)
+    client_app, server_app = "fedgate_medical.client_app:app", "fedgate_medical.server_app:app"
+    app_dir: Path | None = None
+    scratch: Path | None = None
+    if secagg:
+        scratch, policy, app_dir, config = _secagg_demo(policy, hospitals, config, deploy)
+        client_app, server_app = "fedgate_medical.client_app_legacy:app", "fedgate_medical.server_app_secagg:app"
+    try:
+        if deploy:
+            from fedgate.executor.local_federation import APP_DIR, run_local_deployment
 
-        _print_outcome(run_local_deployment(out, hospitals, rounds, policy, dict(DEMO_CONFIG), console), out)
-        return
-    _run(
-        "fedgate_medical.client_app:app",
-        "fedgate_medical.server_app:app",
-        hospitals,
-        rounds,
-        policy,
-        out,
-        dict(DEMO_CONFIG),
-        verbose,
-        no_isolation,
+            summary = run_local_deployment(out, hospitals, rounds, policy, config, console, app_dir=app_dir or APP_DIR)
+            _print_outcome(summary, out)
+            return
+        _run(
+            client_app,
+            server_app,
+            hospitals,
+            rounds,
+            policy,
+            out,
+            config,
+            verbose,
+            no_isolation,
+        )
+    finally:
+        if scratch is not None:  # the written policy and app copy: the ledgers hold the policy itself
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _secagg_demo(
+    policy: Path | None, hospitals: int, config: dict[str, bool | int | float | str], deploy: bool
+) -> tuple[Path, Path, Path | None, dict[str, bool | int | float | str]]:
+    """(a scratch folder to remove after the run, the policy with [secagg] on written in it where
+    the nodes can read it, the reference app with its SecAgg+ components for --deploy's FAB, the
+    run config naming shares and threshold)."""
+    import shutil
+    import tempfile
+
+    from fedgate.executor.local_federation import APP_DIR
+    from fedgate.policy import parse_policy
+    from fedgate.policy.model import default_policy_text
+    from fedgate.secagg.policy import with_secagg_table
+
+    folder = Path(tempfile.mkdtemp(prefix="fedgate-secagg-"))
+    text = with_secagg_table(policy.read_text() if policy else default_policy_text(), hospitals)
+    effective = parse_policy(text, str(policy or "default policy"))
+    (folder / "policy.toml").write_text(text)
+    app: Path | None = None
+    if deploy:
+        app = folder / "app"
+        shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        pyproject = app / "pyproject.toml"
+        pyproject.write_text(
+            pyproject.read_text()
+            .replace('"fedgate_medical.server_app:app"', '"fedgate_medical.server_app_secagg:app"')
+            .replace('"fedgate_medical.client_app:app"', '"fedgate_medical.client_app_legacy:app"')
+        )
+    shares = hospitals
+    console.print(
+        f"SecAgg+: {shares} shares, threshold {effective.secagg.threshold}, noise mode {effective.noise_mode} "
+        f"(t = {effective.secagg.assumed_honest} honest hospitals assumed in every sum)"
     )
+    return folder, folder / "policy.toml", app, {**config, "secagg-num-shares": shares,
+                                                 "secagg-threshold": effective.secagg.threshold}  # fmt: skip
 
 
 def _log_to_console() -> None:

@@ -38,6 +38,7 @@ from fedgate.flower_adapter import (
 from fedgate.gate.pipeline import GENERIC_REFUSAL
 from fedgate.policy import Policy
 from fedgate.sandbox.runner import AppRef
+from fedgate.secagg.handler import handlers_for
 
 log = logging.getLogger("fedgate.node")
 FAB_DIR = "fabs"
@@ -132,6 +133,7 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
         HospitalConfig(
             name=name, folder=config.hospital_dir, policy=config.policy, destination=config.destination,
             data_dir=config.data_dir, landlock=config.landlock, preload=(), keep_worker=False, keep_state=False,
+            handlers=handlers_for(config.policy, config.policy.secagg),
             masks=(config.hospital_dir,),
             executor={"executor": "fedgate-node", **facts},
         )

@@ -35,6 +35,7 @@ from fedgate.policy import Policy
 from fedgate.sandbox.bwrap import sandbox_argv
 from fedgate.sandbox.runner import AppRef, sandbox_env
 from fedgate.sandbox.spec import Limits, SandboxError, SandboxSpec, package_dir, sandbox_uid
+from fedgate.secagg.handler import handlers_for
 
 REFERENCE_CLIENT_APP = "fedgate_medical.client_app:app"
 REFERENCE_SERVER_APP = "fedgate_medical.server_app:app"
@@ -141,6 +142,8 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
         raise FedgateError(f"--hospitals must be at least 1, got {spec.hospitals}")
     if spec.rounds < 1:
         raise FedgateError(f"--rounds must be at least 1, got {spec.rounds}")
+    if spec.policy.secagg.enabled and spec.isolation == "none":
+        raise FedgateError("SecAgg+ needs the sandbox: with --no-isolation the ClientApp would get its messages")
     out_dir = spec.out_dir.resolve()
     mode = check_out_dir(out_dir)
     app, sources = _app_ref(spec.client_app)
@@ -177,7 +180,8 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                     HospitalConfig(
                         name=name, folder=out_dir / name, policy=spec.policy, destination=SIMULATION_DESTINATION,
                         data_dir=spec.data_dir, app=app, isolation=spec.isolation, landlock=spec.landlock,
-                        preload=preload_for(sources), masks=(out_dir,),
+                        preload=preload_for(sources), handlers=handlers_for(spec.policy, spec.policy.secagg),
+                        masks=(out_dir,),
                         executor={"executor": "fedgate-simulation", "client_app": spec.client_app},
                     )
                 )  # fmt: skip

@@ -11,6 +11,7 @@ from fedgate.executor.progress import METRICS_FILE, read_rounds
 from fedgate.gate.entries import ReplyEntry, finite_or_none, read_entries
 from fedgate.gate.pipeline import LEDGER_DIR
 from fedgate.ledger.store import Ledger
+from fedgate.secagg.records import secagg_summary
 
 
 def hospital_egress(hospital_dir: Path, run_id: int) -> dict[str, Any]:
@@ -63,6 +64,7 @@ def build_summary(
         "bits_per_reply": {name: e["bits_per_reply"] for name, e in egress.items()},
         "bits_total": {name: e["bits_total"] for name, e in egress.items()},
         "refusals": {name: e["refusals"] for name, e in egress.items() if e["refusals"]},
+        "secagg": secagg_summary(hospital_dirs, run_id),
     }
 
 

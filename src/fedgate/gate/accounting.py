@@ -41,11 +41,13 @@ from fedgate.privacy import (
 GATED, TRUSTED = "gated", "trusted"
 
 
-def gate_noise_multiplier(policy: Policy, manifest: Manifest) -> float:
+def gate_noise_multiplier(policy: Policy, manifest: Manifest, honest_in_sum: int = 1) -> float:
     """z of the gate's noise on this model's update: σ over the largest norm the released
-    update can have (clip norm plus grid rounding). 0 without noise (no guarantee)."""
+    update can have (clip norm plus grid rounding). 0 without noise (no guarantee).
+    `honest_in_sum`: the update reaches the server only inside a SecAgg+ sum assumed to hold at
+    least that many honestly noised replies (σ·sqrt(t) in the sum: `rules.update_bits_for`)."""
     floats = sum(math.prod(t.shape) for t in manifest.tensors if t.dtype.startswith("float"))
-    bits = update_bits_for(policy.clip_norm, policy.sigma, floats)
+    bits = update_bits_for(policy.clip_norm, policy.sigma, floats, honest_in_sum)
     if math.isinf(bits):
         return 0.0
     return 1.0 / math.sqrt(2.0 * bits * math.log(2.0))
@@ -133,14 +135,18 @@ class PrivacyPlan:
 
 
 def plan(
-    policy: Policy, history: PrivacyHistory, manifest: Manifest | None, dp_sgd: DpSgdEvent | None
+    policy: Policy,
+    history: PrivacyHistory,
+    manifest: Manifest | None,
+    dp_sgd: DpSgdEvent | None,
+    honest_in_sum: int = 1,
 ) -> PrivacyPlan | None:
     """The plan for one reply, or None when it releases no update (an evaluate reply: its
     metrics are bounded in bits, not in ε). Raises GateRefusal("privacy.max_epsilon") when
     the budget would be passed."""
     if manifest is None:
         return None
-    z = gate_noise_multiplier(policy, manifest)
+    z = gate_noise_multiplier(policy, manifest, honest_in_sum)
     hospital: tuple[PrivacyEvent, ...] = (UpdateNoiseEvent(z),)
     record: tuple[PrivacyEvent, ...] = (dp_sgd,) if dp_sgd is not None else hospital
     delta = policy.privacy.delta

@@ -125,9 +125,13 @@ class GatePipeline:
 
     # -- before the ClientApp runs -------------------------------------------------------------
 
-    def admit(self, raw: bytes, arrived: float | None = None, dp_sgd: DpSgdEvent | None = None) -> Admission:
+    def admit(
+        self, raw: bytes, arrived: float | None = None, dp_sgd: DpSgdEvent | None = None, *, honest_in_sum: int = 1
+    ) -> Admission:
         """Before any code runs. `dp_sgd`: the trusted trainer's planned DP-SGD event (the
-        hospital's own code computed it from the recipe and its data); None for a gated reply."""
+        hospital's own code computed it from the recipe and its data); None for a gated reply.
+        `honest_in_sum` (SecAgg+, `fedgate.secagg`): the update leaves only masked, inside a sum
+        assumed to hold at least that many honestly noised replies: its bound and ε are the sum's."""
         arrived = time.time() if arrived is None else arrived
         state = self.state()
         refused_bound = Bound(timing_bits=self.policy.release.bits)  # a refusal still says "no", at some slot
@@ -155,10 +159,10 @@ class GatePipeline:
             if instruction.manifest is not None:
                 stages.append(rules.check_model_approved(instruction, self.policy, state))
                 gate_round = state.gate_round(instruction.manifest.hash)
-            bound = self._bound(instruction)
+            bound = self._bound(instruction, honest_in_sum)
             stages.append(rules.check_budget(state, self.policy, message.metadata.run_id, bound.total))
             history = accounting.PrivacyHistory.from_json(state.privacy_history)
-            privacy = accounting.plan(self.policy, history, instruction.manifest, dp_sgd)
+            privacy = accounting.plan(self.policy, history, instruction.manifest, dp_sgd, honest_in_sum)
         except GateRefusal as err:
             return Admission(raw, message, arrived, state, instruction, err, bound, gate_round, tuple(stages))
         except Exception as err:  # fail closed, as above
@@ -166,7 +170,7 @@ class GatePipeline:
             return Admission(raw, message, arrived, state, instruction, refused, bound, gate_round, tuple(stages))
         return Admission(raw, message, arrived, state, instruction, None, bound, gate_round, tuple(stages), privacy)
 
-    def _bound(self, instruction: Instruction) -> Bound:
+    def _bound(self, instruction: Instruction, honest_in_sum: int = 1) -> Bound:
         """The bound a sent reply to this instruction has: fixed by the policy and the model's
         size before the ClientApp runs, so the budget is checked before it runs."""
         update = 0.0
@@ -176,15 +180,19 @@ class GatePipeline:
                 for t in instruction.manifest.tensors
                 if t.dtype.startswith("float")
             )
-            update = rules.update_bits_for(self.policy.clip_norm, self.policy.sigma, floats)
+            update = rules.update_bits_for(self.policy.clip_norm, self.policy.sigma, floats, honest_in_sum)
         metrics = rules.canonical_metrics(None, instruction.category, self.policy).bits
         return Bound(update, metrics, 1.0, self.policy.release.bits)
 
     # -- after it ran ----------------------------------------------------------------------------
 
-    def conclude(self, admission: Admission, outcome: AppOutcome | None, finalize: Finalize | None = None) -> Outcome:
+    def conclude(
+        self, admission: Admission, outcome: AppOutcome | None, finalize: Finalize | None = None, review_note: str = ""
+    ) -> Outcome:
         """`finalize` (secure aggregation) turns the checked content into what is sent (e.g. a
-        masked vector) after every rule and the review, before the ledger records it."""
+        masked vector) after every rule and the review, before the ledger records it;
+        `review_note` says so, in words, on the review page (the reviewer sees the content
+        before `finalize`)."""
         decision, content = self._decide(admission, outcome)
         release = schedule(self.policy.release, admission.arrived, time.time())
         if decision.sent and release.late:
@@ -196,11 +204,13 @@ class GatePipeline:
             and self.policy.review_required(admission.gate_round, decision.warnings)
         ):
             wait_until(release.at)  # the item appears at a slot boundary, not when the app finished
-            decision, content = hold_for_review(self, admission, decision, content)
+            decision, content = hold_for_review(self, admission, decision, content, review_note)
             release = after_review(self.policy.release, release, time.time())
         if finalize is not None and content is not None and decision.sent:
             try:
                 content, decision = finalize(content, decision)
+            except GateRefusal as err:  # fail closed, recorded under the rule that refused
+                decision, content = _refused(decision, err), None
             except Exception as err:  # fail closed, recorded
                 decision, content = _refused(decision, GateRefusal("finalize", f"{type(err).__name__}: {err}")), None
         return self._record_and_release(admission, outcome, decision, content, release)

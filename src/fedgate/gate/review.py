@@ -43,8 +43,10 @@ def tensor_table(admission: Admission, content: RecordDict) -> list[dict[str, An
 
 
 def hold_for_review(
-    gate: GatePipeline, admission: Admission, decision: GateDecision, content: RecordDict
+    gate: GatePipeline, admission: Admission, decision: GateDecision, content: RecordDict, review_note: str = ""
 ) -> tuple[GateDecision, RecordDict | None]:
+    """`review_note`: what the gate still does to an approved payload before it leaves (SecAgg+
+    masks it), in words for the page; empty when exactly the held bytes leave."""
     payload = recorddict_to_bytes(content)
     held = hashlib.sha256(payload).hexdigest()
     message = admission.message
@@ -73,6 +75,7 @@ def hold_for_review(
         "bits_cumulative": decimal_str(admission.state.cumulative_bits + decision.bound.total),
         "policy_hash": gate.policy.hash,
         "payload_sha256": held,
+        "after_review": review_note,
     }
     queue = ReviewQueue(gate.hospital_dir)
     try:

@@ -62,12 +62,19 @@ def check_values(instruction: Instruction, reply: Reply) -> StageEvidence:
     return StageEvidence("values", True, {"tensors": len(reply.arrays)})
 
 
-def update_bits_for(clip_norm: float, sigma: float, coordinates: int) -> float:
+def update_bits_for(clip_norm: float, sigma: float, coordinates: int, honest_in_sum: int = 1) -> float:
     """The bound of a noised update of `coordinates` float parameters: the Gaussian channel's
-    capacity at the released update's largest norm (clip norm plus the grid's rounding)."""
+    capacity at the released update's largest norm (clip norm plus the grid's rounding).
+
+    `honest_in_sum` = t > 1: the server sees the update only inside a sum (SecAgg+) that holds at
+    least t replies with this much honest noise, so the channel's noise is sigma·sqrt(t) (the grid
+    is still this gate's own). The caller records that assumption beside the figure."""
     if sigma == 0.0:
         return math.inf
-    return capacity_bits(effective_norm(clip_norm, grid_step(sigma, clip_norm, coordinates), coordinates), sigma)
+    if honest_in_sum < 1:
+        raise ValueError(f"honest_in_sum must be >= 1, got {honest_in_sum}")
+    norm = effective_norm(clip_norm, grid_step(sigma, clip_norm, coordinates), coordinates)
+    return capacity_bits(norm, sigma * math.sqrt(honest_in_sum))
 
 
 def noise_update(

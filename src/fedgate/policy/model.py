@@ -14,6 +14,7 @@ from typing import Any
 from fedgate.canonical import canonical_json, decimal_str
 from fedgate.errors import PolicyError
 from fedgate.fab.policy import FabPolicy, parse_fab_policy
+from fedgate.secagg.policy import SecAggPolicy, parse_secagg_policy
 from fedgate.training.policy import TrainingPolicy
 
 MESSAGE_TYPES = ("train", "evaluate", "query")
@@ -146,6 +147,7 @@ class Policy:
     release: ReleasePolicy = ReleasePolicy()
     budget_scope: str = "hospital"
     fab: FabPolicy = field(default_factory=FabPolicy)
+    secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
     training: TrainingPolicy = field(default_factory=TrainingPolicy)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
@@ -172,11 +174,14 @@ class Policy:
     def sigma(self) -> float:
         """The standard deviation this hospital adds to each coordinate of the update."""
         sigma = self.noise_multiplier * self.clip_norm
-        return sigma / math.sqrt(self.hospitals) if self.noise_mode == "distributed" else sigma
+        # distributed: a share of sigma that only the sum of t honest replies brings back to sigma
+        # (under SecAgg+, t is [secagg] assumed_honest, and the gate states the bound for the sum)
+        shares = self.secagg.assumed_honest if self.secagg.enabled else self.hospitals
+        return sigma / math.sqrt(shares) if self.noise_mode == "distributed" else sigma
 
     def to_json(self) -> dict[str, Any]:
         """The effective policy, floats as decimal strings: this is what gets hashed."""
-        return {
+        out: dict[str, Any] = {
             "manifest": {"approved": self.approved_manifest},
             "update": {
                 "clip_norm": decimal_str(self.clip_norm),
@@ -211,6 +216,9 @@ class Policy:
             },
             "privacy": self.privacy.to_json(),
         }
+        if self.secagg.enabled:  # only then: a policy without SecAgg+ keeps the hash it had
+            out["secagg"] = self.secagg.to_json()
+        return out
 
     @property
     def hash(self) -> str:
@@ -262,7 +270,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source} is not valid TOML: {err}") from err
     known = {
         "manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "sandbox", "release",
-        "budget", "fab", "training", "privacy",
+        "budget", "fab", "secagg", "training", "privacy",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     _require(not unknown, "policy", f"unknown table(s) {unknown}; expected {sorted(known)}")
@@ -401,6 +409,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         release=release_policy,
         budget_scope=budget_scope,
         fab=_parse_fab(data.get("fab", {})),
+        secagg=_parse_secagg(data.get("secagg", {}), noise_mode),
         training=_parse_training(data.get("training", {})),
         privacy=_parse_privacy(_Section(data, "privacy")),
     )
@@ -420,6 +429,16 @@ def _parse_privacy(section: _Section) -> PrivacyPolicy:
     _require(math.isfinite(max_epsilon) and max_epsilon >= 0, "privacy.max_epsilon", "must be >= 0 (0: no limit)")
     _require(level in ("record", "hospital"), "privacy.level", f"must be 'record' or 'hospital', got {level!r}")
     return PrivacyPolicy(delta, max_epsilon or None, level)
+
+
+def _parse_secagg(table: Any, noise_mode: str) -> SecAggPolicy:
+    secagg = parse_secagg_policy(table)
+    _require(
+        not (secagg.enabled and noise_mode == "distributed" and not secagg.require),
+        "secagg.require",
+        "must be true with noise_mode = 'distributed': a reply outside SecAgg+ would carry only sigma/sqrt(t)",
+    )
+    return secagg
 
 
 def _parse_fab(table: Any) -> FabPolicy:

@@ -20,6 +20,7 @@ from fedgate.gate.entries import KIND_REVIEW, Entry, OtherEntry, PolicyEntry, Re
 from fedgate.ledger.signing import PUBLIC_KEY_FILE, Verifier, parse_fingerprint
 from fedgate.ledger.store import DB_FILE, Ledger, SignedTreeHead
 from fedgate.ledger.verify import verify_ledger
+from fedgate.secagg.records import masked_round
 
 LEDGER_DIR = "ledger"
 
@@ -74,6 +75,7 @@ class ReplyRow:
     destination: str
     warnings: tuple[str, ...]
     isolation: str
+    secagg: dict[str, Any] | None = None  # a reply that left masked (SecAgg+): its `secagg` stage evidence
 
     @property
     def isolated(self) -> bool:
@@ -173,6 +175,11 @@ class RunFacts:
     @property
     def downgraded(self) -> tuple[ReplyRow, ...]:
         return tuple(r for r in self.replies if r.isolation == DOWNGRADED)
+
+    @property
+    def masked(self) -> tuple[ReplyRow, ...]:
+        """Sent replies that left as a masked vector (SecAgg+): the server saw only their sum."""
+        return tuple(r for r in self.sent if r.secagg is not None)
 
     @property
     def refusal_rules(self) -> dict[str, int]:
@@ -366,6 +373,7 @@ def _reply_row(entry: ReplyEntry) -> ReplyRow:
         destination=entry.destination,
         warnings=entry.warnings,
         isolation=isolation_of(entry),
+        secagg=masked_round(entry) if entry.sent else None,
     )
 
 

@@ -34,6 +34,7 @@ def render_facts(facts: ReportFacts) -> str:
             "isolation": wording.isolation_sentence(run),
             "warnings": wording.run_warnings(run),
             "categories": wording.categories_that_left(run),
+            "secagg": wording.secagg_sentence(run),
             "figures": run_figures(run),
             "policy_json": json.dumps(run.policies[-1].policy, indent=2, sort_keys=True) if run.policies else "",
         }

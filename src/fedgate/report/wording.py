@@ -154,6 +154,24 @@ def run_sentence(run: RunFacts) -> str:
     return f"{left}{kept}."
 
 
+def secagg_sentence(run: RunFacts) -> str:
+    """Replies that left masked (SecAgg+): what the reviewer saw, what left, what the bound rests on."""
+    masked = run.masked
+    if not masked:
+        return ""
+    evidence = masked[-1].secagg or {}
+    bound = evidence.get("bound", {})
+    return (
+        f"Secure aggregation: {count_text(len(masked), 'model update', 'model updates')} left masked (SecAgg+, run "
+        "by this hospital's gate, with ChaCha20 masks under keys that never entered the research team's code). "
+        "Masking happens after every rule and after human review: a reviewer saw the unmasked gated update, and what "
+        "left was the masked vector, which the server can unmask only inside the sum of at least "
+        f"{evidence.get('threshold', '?')} hospitals' updates. num-examples and the allowed metrics went in the clear, "
+        "quantised and counted. The bound and ε of these updates are stated for that sum and rest on an assumption: "
+        f"{bound.get('assumption', 'not recorded')}."
+    )
+
+
 def categories_that_left(run: RunFacts) -> str:
     """The GDPR record's "categories of data": what the ledger shows left, and what the bound means.
     Never "no images, no identifiers": the bound says how much of anything could be encoded."""
@@ -169,6 +187,10 @@ def categories_that_left(run: RunFacts) -> str:
         names = ", ".join(run.tensor_names[:12]) + (f" and {more} more" if more > 0 else "")
         tensors = f"{len(run.tensor_names)} tensors ({names})" if run.tensor_names else "tensors (names unreadable)"
         noised = "clipped, not noised (z = 0)" if run.unbounded else "clipped and noised"
+        if run.masked:
+            coordinates = (run.masked[-1].secagg or {}).get("masked_coordinates", "?")
+            tensors = f"the float tensors ({coordinates:,} coordinates)" if isinstance(coordinates, int) else tensors
+            noised += ", then masked (secure aggregation: the server sees only the sum of several hospitals' updates)"
         replies = count_text(len(updates), "reply", "replies")
         parts.append(f"model parameters of the declared model, {tensors}, {noised}, in {replies}")
     parts.append("metrics: " + (", ".join(run.metric_names) if run.metric_names else "none") + " (quantised)")
