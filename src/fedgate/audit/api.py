@@ -79,6 +79,9 @@ class AuditResult:
     protection: Protection
     seed: int
     images: AuditImages = field(repr=False, compare=False)
+    # audit of a real reply: the cosine between the update and the chosen patient's gradient
+    # (`fedgate.audit.reply`); None for a simulated single-image update
+    target_cosine: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record for the ledger: scores only (decimal strings, no floats), no images."""
@@ -101,6 +104,7 @@ class AuditResult:
             "label_inferred": self.inferred_label == self.label,
             "protection": self.protection.describe(),
             "seed": str(self.seed),
+            **({} if self.target_cosine is None else {"target_cosine": decimal_str(self.target_cosine, 4)}),
         }
 
     @property
@@ -258,15 +262,41 @@ def audit_model(
         direction = torch.randn(gradient.shape, generator=generator, dtype=torch.float64)
         direction *= gradient.norm() / direction.norm()
         observed.append(attacker_gradient(protection.apply(direction, generator, lr, others)))
+    return attack_and_score(
+        model, observed, image, label, pool, protection, settings, generator, seed, started,
+        n_classes=n_classes, budget_s=budget_s, progress=progress,
+    )  # fmt: skip
+
+
+def attack_and_score(
+    model: torch.nn.Module,
+    observed: list[torch.Tensor],
+    image: np.ndarray,
+    label: int,
+    pool: np.ndarray,
+    protection: Protection,
+    settings: InversionSettings,
+    generator: torch.Generator,
+    seed: int,
+    started: float,
+    *,
+    n_classes: int,
+    budget_s: float | None,
+    progress: Progress | None,
+    target_cosine: float | None = None,
+) -> AuditResult:
+    """Invert each of the attacker's gradients `observed` (the update's first, then the null
+    runs'), and score the reconstructions against `pool` (the true image first)."""
     targets = torch.stack(observed)
     labels = [infer_label(model, target, n_classes) for target in targets]
+    restarts = settings.restarts
 
     deadline = None if budget_s is None else started + budget_s - SCORING_RESERVE_S
     inversion = invert(
         model,
         targets,
         labels,
-        (int(x.shape[1]), int(x.shape[2]), int(x.shape[3])),
+        (1, int(image.shape[0]), int(image.shape[1])),
         settings,
         generator,
         pixel_bounds(),
@@ -297,4 +327,5 @@ def audit_model(
         protection=protection,
         seed=seed,
         images=AuditImages(image.copy(), pixels[0], pixels[best_null]),
+        target_cosine=target_cosine,
     )

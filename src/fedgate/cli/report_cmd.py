@@ -29,6 +29,14 @@ def report(
         Path | None,
         typer.Option(help="A signed tree head kept from an earlier report (its JSON); the ledger must still hold it."),
     ] = None,
+    with_images: Annotated[
+        bool,
+        typer.Option(
+            "--with-images",
+            help="Show the leakage audit's pictures (true | reconstruction | null). They are patient images: "
+            "the report says so on its first line; keep it at the hospital.",
+        ),
+    ] = False,
 ) -> None:
     """Write one self-contained HTML report: what left, when, to whom, under which bound and
     isolation, and whether the ledger verifies against the key you pin (its first line says
@@ -55,7 +63,7 @@ def report(
     facts = read_facts(ledger, public_key=key, fingerprint=fingerprint, trusted_head=head)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render_facts(facts), encoding="utf-8")
+        out.write_text(render_facts(facts, with_images=with_images), encoding="utf-8")
     except OSError as err:
         raise FedgateError(f"cannot write the report to {out}: {err}") from err
     if not facts.verification.pinned:
@@ -69,3 +77,5 @@ def report(
         console.print(f"wrote {escape(str(out))} (its first line says so)")
         raise typer.Exit(1)
     console.print(f"[green]ledger verifies[/] (key {facts.verification.fingerprint}); wrote {escape(str(out))}")
+    if with_images:
+        err_console.print("[bold yellow]the report carries patient images[/]: keep it at the hospital")

@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 from flwr.app import Context, RecordDict
 
 from fedgate.canonical import decimal_str
+from fedgate.data.hospital import HospitalData
 from fedgate.errors import FedgateError, GateRefusal
 from fedgate.fab import FabRefused
 from fedgate.flower_adapter import (
@@ -38,6 +39,7 @@ from fedgate.flower_adapter import (
     recorddict_to_bytes,
     refusal,
 )
+from fedgate.gate.audit import images_of
 from fedgate.gate.pipeline import GENERIC_REFUSAL, Admission, AppOutcome, GatePipeline, Outcome
 from fedgate.gate.release import wait_until
 from fedgate.gate.update import compile_kernels as compile_gate_kernels
@@ -140,6 +142,7 @@ class HospitalConfig:
     keep_state: bool = True  # simulation: the ClientApp's state stays here; the node: the SuperNode keeps it
     handlers: tuple[InstructionHandler, ...] = ()
     masks: tuple[Path, ...] = ()  # folders the sandbox must not see even if under a bound path (the run folder)
+    data: HospitalData | None = None  # the hospital's own images, for the gate's [audit] stage
     executor: dict[str, Any] = field(default_factory=dict)
 
 
@@ -151,7 +154,8 @@ class Hospital:
         self.config = config
         config.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         config.folder.chmod(0o700)  # the hospital's ledger, keys, queue and logs: the node's user only
-        self.gate = GatePipeline(config.policy, config.folder, config.name, config.destination)
+        images = images_of(config.data) if config.data is not None else None
+        self.gate = GatePipeline(config.policy, config.folder, config.name, config.destination, images=images)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fedgate-{config.name}")
         self._worker: SandboxWorker | None = None
         self._worker_key: tuple[AppRef, int] | None = None
@@ -313,6 +317,7 @@ class Hospital:
         isolation = {"mode": "downgraded" if layers.get("downgraded") else "sandbox", **layers}
         policy = self.config.policy
         deadline = (time.time() if arrived is None else arrived) + policy.release.horizon_s * RELEASE_SHARE
+        deadline -= policy.audit.reserve_s()  # the gate's leakage audit runs after the app, before the last slot
         timeout = max(1.0, min(policy.sandbox.timeout_s, deadline - time.time()))
         result = worker.run(instruction, self._task_context(context), timeout)
         usage = {k: decimal_str(float(v)) for k, v in result.usage.items()}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgate.errors import FedgateError
+from fedgate.executor.audit_data import configured_data
 from fedgate.executor.hospital import Hospital, HospitalConfig
 from fedgate.fab import FabPolicy, install_fab
 from fedgate.flower_adapter import (
@@ -135,6 +136,7 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
             data_dir=config.data_dir, landlock=config.landlock, preload=(), keep_worker=False, keep_state=False,
             handlers=handlers_for(config.policy, config.policy.secagg),
             masks=(config.hospital_dir,),
+            data=configured_data(config.policy),
             executor={"executor": "fedgate-node", **facts},
         )
     )  # fmt: skip

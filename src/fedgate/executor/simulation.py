@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from fedgate.errors import FedgateError
+from fedgate.executor.audit_data import simulated_data
 from fedgate.executor.hospital import Hospital, HospitalConfig, preload_for
 from fedgate.executor.processes import Started, become_subreaper, signals_interrupt
 from fedgate.executor.progress import METRICS_FILE, RoundPrinter
@@ -182,6 +183,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                         data_dir=spec.data_dir, app=app, isolation=spec.isolation, landlock=spec.landlock,
                         preload=preload_for(sources), handlers=handlers_for(spec.policy, spec.policy.secagg),
                         masks=(out_dir,),
+                        data=simulated_data(spec.policy, spec.run_config, index, spec.hospitals),
                         executor={"executor": "fedgate-simulation", "client_app": spec.client_app},
                     )
                 )  # fmt: skip

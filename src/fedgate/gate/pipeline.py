@@ -32,6 +32,7 @@ from fedgate.errors import GateRefusal, LedgerError
 from fedgate.flower_adapter import make_reply, message_head, refusal
 from fedgate.gate import accounting, rules
 from fedgate.gate.accounting import PrivacyPlan
+from fedgate.gate.audit import AUDIT_DIR, ImageSource, audit_stage
 from fedgate.gate.codec import encode_message, npy_array
 from fedgate.gate.decode import Instruction, decode_instruction, decode_reply, literal_round
 from fedgate.gate.entries import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_REVIEW_HELD, KIND_SENT
@@ -97,11 +98,16 @@ class Outcome:
 class GatePipeline:
     """One hospital's gate. The only writer of its ledger; one reply at a time."""
 
-    def __init__(self, policy: Policy, hospital_dir: Path, hospital: str, destination: str) -> None:
+    def __init__(
+        self, policy: Policy, hospital_dir: Path, hospital: str, destination: str, *, images: ImageSource | None = None
+    ) -> None:
+        """`images`: the hospital's own images, for the `[audit]` stage (None: none configured;
+        an audited reply is then refused if the policy refuses on the audit's word)."""
         self.policy = policy
         self.hospital_dir = Path(hospital_dir)
         self.hospital = hospital
         self.destination = destination
+        self.images = images
         self._ledger: Ledger | None = None
         self._lock: IO[bytes] | None = None
 
@@ -239,6 +245,12 @@ class GatePipeline:
             metrics = rules.canonical_metrics(reply, category, self.policy)
             stages.append(metrics.evidence)
             warnings += metrics.warnings
+            if model is not None and category == "train" and self.policy.audit.audits(admission.gate_round):
+                assert instruction.manifest is not None
+                stages.append(
+                    audit_stage(self.policy, instruction.manifest, instruction.model, model, update.evidence,
+                                self.images, self.hospital_dir / AUDIT_DIR, _audit_name(admission))
+                )  # fmt: skip
             content = RecordDict()
             if model is not None:
                 content[instruction.model_key] = ArrayRecord(
@@ -367,6 +379,11 @@ def _refused(decision: GateDecision, err: GateRefusal) -> GateDecision:
         detail=rules.jsonable(err.detail),
         warnings=(),
     )
+
+
+def _audit_name(admission: Admission) -> str:
+    """The kept audit pictures' file stem: the gate round and the instruction's hash."""
+    return f"round-{admission.gate_round}-{hashlib.sha256(admission.raw).hexdigest()[:16]}"
 
 
 def _instruction_fields(admission: Admission) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedgate.audit.policy import AuditPolicy
 from fedgate.canonical import canonical_json, decimal_str
 from fedgate.errors import PolicyError
 from fedgate.fab.policy import FabPolicy, parse_fab_policy
@@ -150,6 +151,7 @@ class Policy:
     secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
     training: TrainingPolicy = field(default_factory=TrainingPolicy)
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
 
     def review_required(self, gate_round: int, warnings: tuple[str, ...]) -> bool:
         """`gate_round` is the gate's own count of train replies for the model in force,
@@ -218,6 +220,8 @@ class Policy:
         }
         if self.secagg.enabled:  # only then: a policy without SecAgg+ keeps the hash it had
             out["secagg"] = self.secagg.to_json()
+        if self.audit != AuditPolicy():  # likewise: a policy without [audit] keeps its hash
+            out["audit"] = self.audit.to_json()
         return out
 
     @property
@@ -270,7 +274,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise PolicyError(f"{source} is not valid TOML: {err}") from err
     known = {
         "manifest", "update", "metrics", "num_examples", "messages", "refusal", "review", "sandbox", "release",
-        "budget", "fab", "secagg", "training", "privacy",
+        "budget", "fab", "secagg", "training", "privacy", "audit",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     _require(not unknown, "policy", f"unknown table(s) {unknown}; expected {sorted(known)}")
@@ -412,6 +416,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         secagg=_parse_secagg(data.get("secagg", {}), noise_mode),
         training=_parse_training(data.get("training", {})),
         privacy=_parse_privacy(_Section(data, "privacy")),
+        audit=AuditPolicy.from_dict(data.get("audit", {})),
     )
 
 

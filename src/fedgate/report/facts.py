@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgate.audit.wording import AuditWords, audit_words
 from fedgate.errors import LedgerError, LedgerVerificationError
 from fedgate.flower_adapter import recorddict_from_bytes
 from fedgate.gate.entries import KIND_REVIEW, Entry, OtherEntry, PolicyEntry, ReplyEntry, ReviewEntry, read_entries
@@ -75,6 +76,7 @@ class ReplyRow:
     destination: str
     warnings: tuple[str, ...]
     isolation: str
+    audit: AuditWords | None = None  # the gate's leakage audit of this reply, if it ran
     secagg: dict[str, Any] | None = None  # a reply that left masked (SecAgg+): its `secagg` stage evidence
 
     @property
@@ -373,6 +375,7 @@ def _reply_row(entry: ReplyEntry) -> ReplyRow:
         destination=entry.destination,
         warnings=entry.warnings,
         isolation=isolation_of(entry),
+        audit=audit_words(entry.decision),
         secagg=masked_round(entry) if entry.sent else None,
     )
 

@@ -11,6 +11,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from fedgate.ledger.store import DB_FILE, SignedTreeHead
 from fedgate.report import wording
+from fedgate.report.audit import audit_rows
 from fedgate.report.facts import ReportFacts, ledger_folder_of, read_facts
 from fedgate.report.plots import run_figures
 
@@ -24,7 +25,9 @@ def _environment() -> Environment:
     return environment
 
 
-def render_facts(facts: ReportFacts) -> str:
+def render_facts(facts: ReportFacts, *, with_images: bool = False) -> str:
+    """`with_images`: show the leakage audit's pictures (true | reconstruction | null), kept at
+    the hospital; the report then carries patient images, and its first line says so."""
     runs: list[dict[str, Any]] = [
         {
             "facts": run,
@@ -36,6 +39,7 @@ def render_facts(facts: ReportFacts) -> str:
             "categories": wording.categories_that_left(run),
             "secagg": wording.secagg_sentence(run),
             "figures": run_figures(run),
+            "audits": audit_rows(run, Path(facts.ledger_path).parent if with_images else None),
             "policy_json": json.dumps(run.policies[-1].policy, indent=2, sort_keys=True) if run.policies else "",
         }
         for run in facts.runs
@@ -46,6 +50,7 @@ def render_facts(facts: ReportFacts) -> str:
         .render(
             facts=facts,
             runs=runs,
+            with_images=with_images,
             warnings=[w for run in runs for w in run["warnings"]],
             sentence=wording.summary_sentence(facts),
             generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from fedgate.audit.wording import audit_words
 from fedgate.report.wording import bits_text
 from fedgate.review.binding import check_held, describe_payload
 from fedgate.review.queue import PENDING, QUEUE_FILE, ReviewError, ReviewItem, ReviewQueue
@@ -153,6 +154,7 @@ def create_app(root: Path, token: str | None = None) -> tuple[FastAPI, ReviewSit
             held=held,
             view=describe_payload(item.payload),
             norms={t.get("name"): t.get("update_l2") for t in item.summary.get("tensors", [])},
+            audit=audit_words(item.summary.get("decision", {})),
             csrf=site.csrf(hospital, item_id),
         )
 
