@@ -118,3 +118,37 @@ def test_no_gate_noise_is_no_guarantee(tmp_path: Path) -> None:
     gate = gate_for(tmp_path, noise_multiplier=0.0)
     assert through_gate(gate, instruction(), honest).decision.sent
     assert math.isinf(float(gate.state().privacy_last["hospital_level"]["epsilon"]))
+
+
+def test_an_epsilon_the_client_app_reports_is_a_claim_never_the_enforced_figure(tmp_path: Path) -> None:
+    """A policy may let a ClientApp's own `epsilon` metric leave (quantised, counted); the summary
+    and the report show it as claimed, beside the ε the gate enforced, and never in its place."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedgate.executor.summary import build_summary
+    from fedgate.policy.model import MetricRule
+    from fedgate.report.facts import read_facts
+    from fedgate.report.render import render_facts
+
+    gate = gate_for(tmp_path, noise_multiplier=1.0)
+    rules = dict(gate.policy.metrics)
+    rules["epsilon"] = MetricRule(step=0.1, min=0.0, max=100.0, types=("train",))
+    gate = gate_for(tmp_path, noise_multiplier=1.0, metrics=tuple(sorted(rules.items())))
+
+    def claims_privacy(ins: Message) -> Message:
+        reply = honest(ins)
+        records = dict(reply.content.items())
+        records["metrics"] = MetricRecord({"train-loss": 0.4, "num-examples": 123, "epsilon": 0.5})
+        return Message(RecordDict(records), reply_to=ins)  # type: ignore[arg-type]
+
+    assert through_gate(gate, instruction(), claims_privacy).decision.sent
+    gate.close()
+    [entry] = replies(tmp_path / "hospital-0")
+    summary = build_summary(entry.run_id, 1, 1, 1.0, [], [tmp_path / "hospital-0"], "hash")
+    enforced = summary["epsilon"]["hospital-0"]["record_level"]
+    assert summary["epsilon_claimed"] == {"hospital-0": {"epsilon": "0.5"}}
+    assert enforced is not None and enforced > 1  # the gate's own figure, not the app's 0.5
+    facts = read_facts(tmp_path / "hospital-0")
+    assert facts.privacy is not None and facts.privacy.claimed == {"epsilon": "0.5"}
+    assert facts.privacy.record_level == pytest.approx(enforced)
+    assert "Claimed, not enforced" in render_facts(facts)

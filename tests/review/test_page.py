@@ -141,3 +141,27 @@ def test_an_item_the_gate_never_held_cannot_be_approved(tmp_path: Path) -> None:
         response = client.post(f"/items/hospital-0/{item.id}/decision", data=form, headers=AUTH)
         assert response.status_code == 409
     assert status(tmp_path, item.id) == PENDING
+
+
+def test_an_epsilon_the_client_app_reports_is_marked_as_its_claim(tmp_path: Path) -> None:
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fedgate.policy.model import MetricRule
+
+    rules = dict(gate_for(tmp_path / "probe").policy.metrics)
+    rules["epsilon"] = MetricRule(step=0.1, min=0.0, max=100.0, types=("train",))
+    gate = gate_for(tmp_path, review_mode="always", review_timeout_s=120.0, metrics=tuple(sorted(rules.items())))
+
+    def claims_privacy(ins: Message) -> Message:
+        records = dict(honest(ins).content.items())
+        records["metrics"] = MetricRecord({"train-loss": 0.4, "num-examples": 123, "epsilon": 0.5})
+        return Message(RecordDict(records), reply_to=ins)  # type: ignore[arg-type]
+
+    hold(gate, instruction(), claims_privacy)
+    [item] = wait_pending(tmp_path / "hospital-0")
+    with page(tmp_path) as client:
+        html = client.get(f"/items/hospital-0/{item.id}", headers=AUTH).text
+    epsilon_row = html[html.index("<td>epsilon</td>") :].split("</tr>")[0]
+    assert "claimed by the research team" in epsilon_row and "not enforced" in epsilon_row
+    loss_row = html[html.index("<td>train-loss</td>") :].split("</tr>")[0]
+    assert "claimed" not in loss_row

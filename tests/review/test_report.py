@@ -212,15 +212,24 @@ def test_a_rejected_review_is_shown_as_refused_and_kept(tmp_path: Path) -> None:
     assert not figure.uri and "No reply left" in figure.skipped  # no empty axes
 
 
-def test_the_per_patient_epsilon_slot_is_empty_until_wired(tmp_path: Path) -> None:
+def test_the_per_patient_epsilon_leads_with_the_enforced_figure_and_shows_claims_apart(tmp_path: Path) -> None:
     import dataclasses
 
+    from fedgate.report.privacy import PrivacyFacts
+
     facts = read_facts(clean(tmp_path, rounds=1))
-    assert facts.privacy is None
-    assert 'id="privacy-slot"' in render_facts(facts)
-    filled = dataclasses.replace(facts, privacy={"epsilon (record level)": "8.7", "delta": "1e-05"})
-    html = render_facts(filled)
-    assert 'id="privacy-table"' in html and "8.7" in html
+    assert facts.privacy is not None and facts.privacy.modes == ("gated",)
+    html = text_of(render_facts(facts))
+    assert "no meaningful guarantee" in html  # the shipped gate noise alone: a huge ε, said plainly
+    trusted = PrivacyFacts(seq=5, delta=1e-5, record_level=7.97, hospital_level=10680.0, record_accountant="pld",
+                           hospital_accountant="gaussian", library="dp-accounting 0.6.0", modes=("trusted",),
+                           claimed={"epsilon": "0.5"})  # fmt: skip
+    html = text_of(render_facts(dataclasses.replace(facts, privacy=trusted)))
+    assert "Per patient, ε = 7.97" in html and "96.7% sure" in html  # e^7.97 x 1/99 odds, as a probability
+    assert "Claimed, not enforced" in html and "epsilon = 0.5" in html
+    assert html.index("Per patient, ε = 7.97") < html.index("Claimed, not enforced")
+    nothing = dataclasses.replace(facts, privacy=None)
+    assert 'id="privacy-slot"' in render_facts(nothing)
 
 
 def test_report_command_pins_the_key_and_writes_the_file(tmp_path: Path) -> None:

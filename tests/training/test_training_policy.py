@@ -67,3 +67,18 @@ def test_a_recipe_outside_the_policy_is_refused_with_the_rule_named(
 def test_bad_policy_tables_name_the_key(table: dict[str, Any], key: str) -> None:
     with pytest.raises(PolicyError, match=key.replace(".", r"\.")):
         TrainingPolicy.from_dict(table)
+
+
+def test_the_demo_turns_a_policy_text_to_trusted_mode_keeping_everything_else() -> None:
+    from fedgate.policy.model import default_policy_text, parse_policy
+    from fedgate.training.policy import with_trusted_mode
+
+    text = default_policy_text()
+    trusted = parse_policy(with_trusted_mode(text), "t")
+    original = parse_policy(text, "o")
+    assert trusted.training.mode == "trusted" and original.training.mode == "gated"
+    assert trusted.training.allowed_models == original.training.allowed_models
+    assert trusted.noise_multiplier == original.noise_multiplier
+    assert "# How this hospital takes part in training." in with_trusted_mode(text)  # comments kept
+    assert parse_policy(with_trusted_mode(""), "e").training.mode == "trusted"
+    assert parse_policy(with_trusted_mode("[training]\nmax_lr = 0.5\n"), "m").training.max_lr == 0.5

@@ -213,6 +213,14 @@ def demo(
             "majority threshold."
         ),
     ] = False,
+    trusted: Annotated[
+        bool,
+        typer.Option(
+            help="Trusted training: no research-team code runs at the hospitals. The reference ServerApp sends a "
+            "recipe (fedgate's small CNN, DP-SGD with noise multiplier 1.0, clip 1.0) with stock FedAvg; each "
+            "hospital trains it with fedgate's own Opacus trainer, so the per-patient epsilon is enforced.",
+        ),
+    ] = False,
 ) -> None:
     """The main job: brain-MRI tumour classification (Br35H) across 5 hospitals with
     Dirichlet(0.5) label skew, each hospital's ClientApp sandboxed, every reply gated,
@@ -221,14 +229,21 @@ def demo(
     client_app, server_app = "fedgate_medical.client_app:app", "fedgate_medical.server_app:app"
     app_dir: Path | None = None
     scratch: Path | None = None
+    hospital_data: dict[int, Path] | None = None
+    if secagg and trusted:
+        raise FedgateError("--secagg and --trusted together are not supported yet: choose one")
     if secagg:
         scratch, policy, app_dir, config = _secagg_demo(policy, hospitals, config, deploy)
         client_app, server_app = "fedgate_medical.client_app_legacy:app", "fedgate_medical.server_app_secagg:app"
+    if trusted:
+        scratch, policy, app_dir, hospital_data = _trusted_demo(policy, hospitals, config)
+        server_app = "fedgate_medical.server_app_trusted:app"
     try:
         if deploy:
             from fedgate.executor.local_federation import APP_DIR, run_local_deployment
 
-            summary = run_local_deployment(out, hospitals, rounds, policy, config, console, app_dir=app_dir or APP_DIR)
+            summary = run_local_deployment(out, hospitals, rounds, policy, config, console, app_dir=app_dir or APP_DIR,
+                                           hospital_data=hospital_data)  # fmt: skip
             _print_outcome(summary, out)
             return
         _run(
@@ -284,6 +299,47 @@ def _secagg_demo(
     )
     return folder, folder / "policy.toml", app, {**config, "secagg-num-shares": shares,
                                                  "secagg-threshold": effective.secagg.threshold}  # fmt: skip
+
+
+def _trusted_demo(
+    policy: Path | None, hospitals: int, config: dict[str, bool | int | float | str]
+) -> tuple[Path, Path, Path, dict[int, Path]]:
+    """(scratch folder, the policy with `[training] mode = "trusted"`, the reference app whose
+    ServerApp sends a recipe (--deploy's FAB, which the nodes never install), and per simulated
+    hospital the images it trains on (--deploy's nodes read them))."""
+    import json
+    import shutil
+    import tempfile
+
+    from fedgate.executor.local_federation import APP_DIR
+    from fedgate.executor.trusted import simulated_hospital_data
+    from fedgate.policy import parse_policy
+    from fedgate.policy.model import default_policy_text
+    from fedgate.training.policy import with_trusted_mode
+
+    folder = Path(tempfile.mkdtemp(prefix="fedgate-trusted-"))
+    folder.chmod(0o755)  # the nodes (their own user) read the policy and their data file
+    text = with_trusted_mode(policy.read_text() if policy else default_policy_text())
+    effective = parse_policy(text, str(policy or "default policy"))
+    (folder / "policy.toml").write_text(text)
+    app = folder / "app"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    pyproject = app / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace('"fedgate_medical.server_app:app"', '"fedgate_medical.server_app_trusted:app"')
+    )
+    data: dict[int, Path] = {}
+    for index in range(hospitals):
+        path = folder / f"hospital-{index}-data.json"
+        path.write_text(json.dumps(simulated_hospital_data(effective, config, index, hospitals).to_json()))
+        data[index] = path
+    training = effective.training
+    console.print(
+        "trusted mode: no research code runs at the hospitals; a recipe may use "
+        f"{', '.join(training.allowed_models)}, noise multiplier >= {training.min_noise_multiplier}, "
+        f"clip norm <= {training.max_grad_norm_ceiling}"
+    )
+    return folder, folder / "policy.toml", app, data
 
 
 def _log_to_console() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,6 +35,14 @@ def node(
             "unprivileged uid of its own, and every ledger entry records that the node ran as root.",
         ),
     ] = False,
+    hospital_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Trusted mode: a JSON file naming the images fedgate's own trainer uses (overrides [training] "
+            "dataset; `fedgate demo --deploy --trusted` writes one per simulated hospital).",
+            hidden=True,
+        ),
+    ] = None,
 ) -> None:
     """Execute the SuperNode's ClientApp tasks: admitted by the gate, the research team's app
     package checked and installed by the hospital's rules, run in a sandbox, gated, recorded.
@@ -59,5 +67,19 @@ def node(
         root_certificates=root_certificates.read_bytes() if root_certificates else None,
         superexec_auth_secret=superexec_auth_secret_file.read_bytes() if superexec_auth_secret_file else None,
         allow_root=allow_root,
+        hospital_data=_hospital_data(hospital_data),
     )
     serve(config)
+
+
+def _hospital_data(path: Path | None) -> Any:
+    if path is None:
+        return None
+    import json
+
+    from fedgate.data.hospital import HospitalData
+
+    try:
+        return HospitalData.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FedgateError(f"--hospital-data {path}: {err}") from err

@@ -3,7 +3,7 @@
 Mirrors `fedgate_medical.task.hospital_data` step for step (stratified subset, held-out global
 test split, IID/Dirichlet partition, 90/10 train/validation cut), so that the hospital's own
 trainer in trusted mode trains on exactly the images the gated reference app would, without
-importing that app. `tests/apps/test_hospital_share.py` holds the two equal."""
+importing that app. `tests/apps/test_app_uses_fedgate_data.py` holds the two equal."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import numpy as np
 
 from fedgate.data.loaders import ImageSet, load_dataset
 from fedgate.data.partition import partition
+
+NODE_CONFIG_KEY = "fedgate.hospital-data"  # how the executor hands a HospitalData (JSON) to the trusted app
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class LocalFederation:
         gated: bool = True,
         link_port: int | None = None,
         hospital_policies: Mapping[int, Path] | None = None,
+        hospital_data: Mapping[int, Path] | None = None,
     ) -> None:
         if hospitals < 1:
             raise FedgateError(f"--hospitals must be at least 1, got {hospitals}")
@@ -73,6 +74,7 @@ class LocalFederation:
         self.hospitals = hospitals
         self.policy = policy.resolve() if policy else None
         self.hospital_policies = {i: p.resolve() for i, p in (hospital_policies or {}).items()}
+        self.hospital_data = {i: p.resolve() for i, p in (hospital_data or {}).items()}
         self.gated = gated
         self.procs: list[subprocess.Popen[bytes]] = []
         self._log_files: list[IO[bytes]] = []
@@ -221,6 +223,8 @@ class LocalFederation:
                 hospital_policy = self.hospital_policies.get(index, self.policy)
                 if hospital_policy:
                     cmd += ["--policy", str(hospital_policy)]
+                if index in self.hospital_data:  # trusted mode: the images this simulated hospital trains on
+                    cmd += ["--hospital-data", str(self.hospital_data[index])]
                 if os.geteuid() == 0:
                     cmd.append("--allow-root")  # recorded in every ledger entry
                 self._start(f"fedgate-node-{index}", cmd, flwr_home)
@@ -293,6 +297,7 @@ def run_local_deployment(
     app_dir: Path = APP_DIR,
     link_port: int | None = None,
     hospital_policies: Mapping[int, Path] | None = None,
+    hospital_data: Mapping[int, Path] | None = None,
 ) -> dict[str, Any]:
     """Start the federation, run the app, stop everything; return (and write) the summary.
     `hospital_policies` gives some hospitals a policy of their own (tests: one refuses the FAB)."""
@@ -311,7 +316,13 @@ def run_local_deployment(
     with signals_interrupt():
         try:
             with LocalFederation(
-                out_dir, hospitals, policy, gated=gated, link_port=link_port, hospital_policies=hospital_policies
+                out_dir,
+                hospitals,
+                policy,
+                gated=gated,
+                link_port=link_port,
+                hospital_policies=hospital_policies,
+                hospital_data=hospital_data,
             ) as federation:
                 console.print(f"federation up in {time.monotonic() - started:.1f} s; submitting the app with flwr run")
                 with RoundPrinter(metrics_path, rounds, console, started):
@@ -327,7 +338,8 @@ def run_local_deployment(
     if run_id and not final_dir.exists():
         run_dir = run_dir.rename(final_dir)
     seconds = time.monotonic() - started
-    return write_summary(out_dir, run_dir, run_id, hospitals, rounds, seconds, load_policy(policy).hash)
+    effective = load_policy(policy)
+    return write_summary(out_dir, run_dir, run_id, hospitals, rounds, seconds, effective.hash, effective.training.mode)
 
 
 def _latest_run_id(hospital_dir: Path) -> int:

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedgate.data.hospital import HospitalData
 from fedgate.errors import FedgateError
 from fedgate.executor.audit_data import configured_data
 from fedgate.executor.hospital import Hospital, HospitalConfig
+from fedgate.executor.trusted import TrustedTraining
 from fedgate.fab import FabPolicy, install_fab
 from fedgate.flower_adapter import (
     acquire_task,
@@ -62,6 +64,7 @@ class NodeConfig:
     poll_s: float = 0.5
     allow_root: bool = False
     landlock: bool = True
+    hospital_data: HospitalData | None = None  # trusted mode: overrides [training] dataset (a simulated share)
 
 
 def check_node_user(config: NodeConfig) -> dict[str, Any]:
@@ -81,6 +84,27 @@ def check_node_user(config: NodeConfig) -> dict[str, Any]:
         if mode & 0o077:
             raise NodeRefused(f"{key} is readable by others (mode {mode:o}); run chmod 600 on it")
     return {"node_uid": uid, "as_root": uid == 0}
+
+
+def trusted_handlers(config: NodeConfig) -> tuple[TrustedTraining, ...]:
+    """Trusted mode's handler, on the data the hospital configured: `[training] dataset` (or the
+    share `--hospital-data` names), which must lie inside the data folder the sandbox sees."""
+    training = config.policy.training
+    if not training.allows_trusted:
+        return ()
+    data = config.hospital_data or (HospitalData(training.dataset) if training.dataset else None)
+    if data is None:
+        raise NodeRefused(
+            "[training] mode allows trusted training but names no dataset: set [training] dataset "
+            "(e.g. folder:/srv/fedgate/images, inside --data-dir)"
+        )
+    kind, _, where = data.dataset.partition(":")
+    if where and kind in ("folder", "dicom", "npz"):
+        path = Path(where).resolve()
+        if path != config.data_dir and config.data_dir not in path.parents:
+            raise NodeRefused(f"[training] dataset {data.dataset} is outside --data-dir {config.data_dir}: "
+                              "the sandbox could not read it")  # fmt: skip
+    return (TrustedTraining(config.policy, data),)
 
 
 def fab_source(config: NodeConfig, fab: bytes, claimed: str) -> Any:
@@ -134,9 +158,8 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
         HospitalConfig(
             name=name, folder=config.hospital_dir, policy=config.policy, destination=config.destination,
             data_dir=config.data_dir, landlock=config.landlock, preload=(), keep_worker=False, keep_state=False,
-            handlers=handlers_for(config.policy, config.policy.secagg),
-            masks=(config.hospital_dir,),
-            data=configured_data(config.policy),
+            handlers=(*handlers_for(config.policy, config.policy.secagg), *trusted_handlers(config)),
+            masks=(config.hospital_dir,), data=configured_data(config.policy),
             executor={"executor": "fedgate-node", **facts},
         )
     )  # fmt: skip

@@ -31,6 +31,7 @@ from fedgate.executor.processes import Started, become_subreaper, signals_interr
 from fedgate.executor.progress import METRICS_FILE, RoundPrinter
 from fedgate.executor.relay import RelayServer, hospital_name
 from fedgate.executor.summary import write_summary
+from fedgate.executor.trusted import TRUSTED_APP, TRUSTED_PRELOAD, TrustedTraining, simulated_hospital_data
 from fedgate.flower_adapter import new_run_id
 from fedgate.policy import Policy
 from fedgate.sandbox.bwrap import sandbox_argv
@@ -136,6 +137,13 @@ def _app_ref(reference: str) -> tuple[AppRef, Path]:
     return AppRef(reference, (where.parent,)), where
 
 
+def trusted_handlers(spec: RunSpec, index: int) -> tuple[TrustedTraining, ...]:
+    if not spec.policy.training.allows_trusted:
+        return ()
+    data = simulated_hospital_data(spec.policy, spec.run_config, index, spec.hospitals)
+    return (TrustedTraining(spec.policy, data),)
+
+
 def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, Any]:
     """Run the federation; return (and write) the summary."""
     console = console or Console()
@@ -145,10 +153,20 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
         raise FedgateError(f"--rounds must be at least 1, got {spec.rounds}")
     if spec.policy.secagg.enabled and spec.isolation == "none":
         raise FedgateError("SecAgg+ needs the sandbox: with --no-isolation the ClientApp would get its messages")
+    trusted_only = spec.policy.training.mode == "trusted"
+    if trusted_only and spec.isolation != "sandbox":
+        raise FedgateError("trusted mode runs fedgate's own trainer in each hospital's sandbox: drop --no-isolation")
+    if spec.policy.training.allows_trusted and spec.policy.secagg.enabled:
+        raise FedgateError("trusted training with SecAgg+ is not supported yet: choose one ([training] or [secagg])")
     out_dir = spec.out_dir.resolve()
     mode = check_out_dir(out_dir)
-    app, sources = _app_ref(spec.client_app)
-    check_config_keys([spec.client_app.partition(":")[0], spec.server_app.partition(":")[0]], spec.run_config)
+    if trusted_only:  # no research-team ClientApp at all: the hospitals run fedgate.training.client
+        app, preload, client_label = TRUSTED_APP, TRUSTED_PRELOAD, "none (trusted mode: fedgate's own DP-SGD trainer)"
+        check_config_keys([spec.server_app.partition(":")[0]], spec.run_config)
+    else:
+        app, sources = _app_ref(spec.client_app)
+        preload, client_label = preload_for(sources), spec.client_app
+        check_config_keys([spec.client_app.partition(":")[0], spec.server_app.partition(":")[0]], spec.run_config)
     check_config_paths(spec.run_config, spec.data_dir)
     run_id = new_run_id()
     run_dir = out_dir / RUNS_DIR / str(run_id)
@@ -163,7 +181,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                       f"halts and pinned models carry over); this run's files: {run_dir}")  # fmt: skip
     isolation = "[green]sandboxed[/]" if spec.isolation == "sandbox" else "[bold red]NOT ISOLATED (--no-isolation)[/]"
     console.print(
-        f"[bold]fedgate[/] {spec.hospitals} hospitals x {spec.rounds} rounds · client app {spec.client_app} "
+        f"[bold]fedgate[/] {spec.hospitals} hospitals x {spec.rounds} rounds · client app {client_label} "
         f"({isolation}) · policy {spec.policy.hash[:12]} · run {run_id} · out {out_dir}"
     )
     become_subreaper()
@@ -181,10 +199,10 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                     HospitalConfig(
                         name=name, folder=out_dir / name, policy=spec.policy, destination=SIMULATION_DESTINATION,
                         data_dir=spec.data_dir, app=app, isolation=spec.isolation, landlock=spec.landlock,
-                        preload=preload_for(sources), handlers=handlers_for(spec.policy, spec.policy.secagg),
-                        masks=(out_dir,),
+                        preload=preload, masks=(out_dir,),
                         data=simulated_data(spec.policy, spec.run_config, index, spec.hospitals),
-                        executor={"executor": "fedgate-simulation", "client_app": spec.client_app},
+                        handlers=(*handlers_for(spec.policy, spec.policy.secagg), *trusted_handlers(spec, index)),
+                        executor={"executor": "fedgate-simulation", "client_app": client_label},
                     )
                 )  # fmt: skip
             if spec.isolation == "sandbox":
@@ -193,7 +211,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                     hospital.warm_up(run_id)
                 problem = hospitals[hospital_name(0)].check_app(run_id)
                 if problem:
-                    raise FedgateError(f"the client app {spec.client_app} does not load in the sandbox: {problem}")
+                    raise FedgateError(f"the client app {client_label} does not load in the sandbox: {problem}")
             token = secrets.token_hex(16)
             relay = RelayServer(out_dir / ".relay" / "sock", token, hospitals, spec.policy.sandbox.max_frame_mb << 20)
             relay.start()
@@ -216,7 +234,8 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
     if returncode != 0:
         raise FedgateError(f"the simulation failed ({returncode}); see {run_dir / 'simulation.log'}")
     seconds = time.monotonic() - started
-    return write_summary(out_dir, run_dir, run_id, spec.hospitals, spec.rounds, seconds, spec.policy.hash)
+    return write_summary(out_dir, run_dir, run_id, spec.hospitals, spec.rounds, seconds, spec.policy.hash,
+                         spec.policy.training.mode)  # fmt: skip
 
 
 def _simulate(

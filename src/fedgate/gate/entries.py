@@ -5,6 +5,7 @@ means. Fields that are hashed are canonical JSON (floats as decimal strings)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,3 +174,21 @@ def read_entries(ledger: Ledger) -> list[Entry]:
 
 def finite_or_none(value: float) -> float | None:
     return None if math.isinf(value) or math.isnan(value) else value
+
+
+CLAIMED_PRIVACY = re.compile(r"eps|epsilon|delta|privacy|dp[-_]", re.IGNORECASE)
+
+
+def claimed_privacy(entry: ReplyEntry) -> dict[str, str]:
+    """Metrics of a sent reply whose names claim a privacy figure (an `epsilon` the ClientApp
+    reports, say): what the app *claims*, as the gate let it leave. Nothing enforces them; the
+    summary, the review page and the report show them as claims, beside the enforced ε."""
+    for stage in entry.decision.get("stages", []):
+        if stage.get("stage") == "metrics":
+            metrics = stage.get("detail", {}).get("metrics", {})
+            return {
+                name: str(value.get("sent"))
+                for name, value in metrics.items()
+                if CLAIMED_PRIVACY.search(name) and value.get("reported")
+            }
+    return {}

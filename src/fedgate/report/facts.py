@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from fedgate.gate.entries import KIND_REVIEW, Entry, OtherEntry, PolicyEntry, Re
 from fedgate.ledger.signing import PUBLIC_KEY_FILE, Verifier, parse_fingerprint
 from fedgate.ledger.store import DB_FILE, Ledger, SignedTreeHead
 from fedgate.ledger.verify import verify_ledger
+from fedgate.report.privacy import PrivacyFacts, privacy_facts
 from fedgate.secagg.records import masked_round
 
 LEDGER_DIR = "ledger"
@@ -223,8 +223,8 @@ class ReportFacts:
     other_events: tuple[tuple[int, str, str], ...] = ()  # (seq, time, kind) of entries outside any run
     unread: str = ""  # why the entries could not be read, if they could not
     not_covered: int = 0  # entries appended after the verified head: not reported
-    # Per-patient epsilon, to be filled from `fedgate.privacy` (the report shows an empty slot until then).
-    privacy: Mapping[str, Any] | None = None
+    # The enforced ε (and any claimed one) as of the last reply that left; None: nothing accounted left.
+    privacy: PrivacyFacts | None = None
 
     @property
     def replies(self) -> tuple[ReplyRow, ...]:
@@ -288,6 +288,7 @@ def read_facts(
         stored_bytes=sum(r.payload_size for r in replies),
         other_events=others,
         not_covered=not_covered,
+        privacy=privacy_facts(replies),
     )
 
 

@@ -14,6 +14,7 @@ from fedgate.report import wording
 from fedgate.report.audit import audit_rows
 from fedgate.report.facts import ReportFacts, ledger_folder_of, read_facts
 from fedgate.report.plots import run_figures
+from fedgate.report.privacy import claimed_paragraph, privacy_paragraphs
 
 
 def _environment() -> Environment:
@@ -53,6 +54,8 @@ def render_facts(facts: ReportFacts, *, with_images: bool = False) -> str:
             with_images=with_images,
             warnings=[w for run in runs for w in run["warnings"]],
             sentence=wording.summary_sentence(facts),
+            privacy_words=privacy_paragraphs(facts.privacy) if facts.privacy else [],
+            privacy_claimed=claimed_paragraph(facts.privacy) if facts.privacy else "",
             generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         )
     )

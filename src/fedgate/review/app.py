@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from fedgate.audit.wording import audit_words
+from fedgate.gate.entries import CLAIMED_PRIVACY
 from fedgate.report.wording import bits_text
 from fedgate.review.binding import check_held, describe_payload
 from fedgate.review.queue import PENDING, QUEUE_FILE, ReviewError, ReviewItem, ReviewQueue
@@ -155,6 +156,7 @@ def create_app(root: Path, token: str | None = None) -> tuple[FastAPI, ReviewSit
             view=describe_payload(item.payload),
             norms={t.get("name"): t.get("update_l2") for t in item.summary.get("tensors", [])},
             audit=audit_words(item.summary.get("decision", {})),
+            claimed=CLAIMED_PRIVACY,
             csrf=site.csrf(hospital, item_id),
         )
 

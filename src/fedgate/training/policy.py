@@ -136,3 +136,30 @@ def validate_recipe(recipe: Recipe, policy: TrainingPolicy) -> None:
     for rule, key, ok, message in checks:
         if not ok:
             raise refuse(rule, key, message, getattr(recipe, key.replace("-", "_")))
+
+
+def with_trusted_mode(text: str) -> str:
+    """A policy's text in trusted mode (`fedgate demo --trusted`): its `[training] mode` set to
+    "trusted" in place (comments and every other setting kept), or a `[training]` table appended."""
+    import re
+    import tomllib
+
+    try:
+        table = tomllib.loads(text).get("training")
+    except tomllib.TOMLDecodeError as err:
+        raise PolicyError(f"the policy is not valid TOML: {err}") from err
+    if table is None:
+        return text.rstrip("\n") + '\n\n[training]\nmode = "trusted"\n'
+    if table.get("mode") == "trusted":
+        return text
+    lines = text.splitlines(keepends=True)
+    inside = False
+    for i, line in enumerate(lines):
+        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if header:
+            inside = header.group(1).strip() == "training"
+        elif inside and re.match(r"\s*mode\s*=", line):
+            lines[i] = 'mode = "trusted"\n'
+            return "".join(lines)
+    # a [training] table without a mode line: add it right after the header
+    return re.sub(r"(?m)^(\s*\[training\][^\n]*\n)", r'\1mode = "trusted"\n', text, count=1)
