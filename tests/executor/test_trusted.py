@@ -156,6 +156,7 @@ def test_evaluate_answers_on_the_local_validation_split(trained_here: Hospital) 
         (dataclasses.replace(RECIPE, noise_multiplier=0.1), None, "training.min_noise_multiplier"),
         (dataclasses.replace(RECIPE, model="resnet18-gn"), None, "training.allowed_models"),
         (dataclasses.replace(RECIPE, local_epochs=50), None, "training.max_local_epochs"),
+        (dataclasses.replace(RECIPE, classes=20), None, "training.max_classes"),
         (RECIPE, tiny_model(), "manifest"),  # the arrays are not the recipe's model
         (dataclasses.replace(RECIPE, classes=3), None, "manifest"),
         (None, None, "recipe"),  # trusted mode: an instruction without a recipe is not trained here
@@ -283,3 +284,43 @@ def test_a_trusted_federation_in_simulation(tmp_path: Path) -> None:
         assert epsilon["record_level"] is not None and 0 < epsilon["record_level"] < 50
         assert epsilon["accountant"].startswith("record: pld")
         assert summary["egress"][name]["replies_sent"] == 2  # one train, one evaluate
+
+
+def test_training_refuses_a_train_set_other_than_the_one_accounted_for(tmp_path: Path) -> None:
+    """The hospital plans ε from the size of its training set; the sandbox loads the data again.
+    If what it finds differs (images removed between the two loads), it trains nothing."""
+    import shutil
+
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    for label in ("no", "yes"):
+        (folder / label).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / label / f"{i}.png")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    policy = trusted_policy()
+    data = HospitalData(f"folder:{folder}")
+    data.load(16)  # the hospital's side has read (and keeps) the 60 images
+    for path in sorted((folder / "yes").iterdir())[:20]:
+        path.unlink()
+    shutil.rmtree(folder / "no" / "0.png", ignore_errors=True)
+    hospital = Hospital(
+        HospitalConfig(
+            name="hospital-0",
+            folder=tmp_path / "h",
+            policy=policy,
+            destination="test://server",
+            data_dir=folder,
+            app=TRUSTED_APP,
+            handlers=(TrustedTraining(policy, data),),
+        )
+    )
+    try:
+        outgoing, _ = hospital.run_task(trusted_instruction(), context())
+        assert message_from_bytes(outgoing).has_error()
+        entry = last_reply(hospital)
+    finally:
+        hospital.close()
+    assert not entry.sent and "not the one accounted for" in entry.reason
+    assert entry.executor["trusted"]["train_set"]["num_examples"] == 54

@@ -231,3 +231,46 @@ def test_a_fixed_feature_model_trains_only_its_head_and_clipping_holds() -> None
         _train(loose, adversarial(data, 0), start, 1, secure_mode=False, add_noise=False).arrays,
     )
     assert unclipped > 10 * 2 * 1e-3 / 8
+
+
+def test_a_sample_whose_gradient_is_not_finite_contributes_nothing() -> None:
+    """A server that picks the weights can make one chosen image's gradient overflow; clipping
+    alone would turn it into NaN for the whole update (then refused: a membership bit outside ε).
+    The step must equal the step without that sample (noise 0 here, to compare exactly)."""
+    from opacus import GradSampleModule
+
+    from fedgate.training.trainer import FiniteDPOptimizer
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor, optimizer_class: type[DPOptimizer]) -> torch.Tensor:
+        torch.manual_seed(0)
+        layer = nn.Linear(3, 2)
+        model = GradSampleModule(layer, batch_first=True, loss_reduction="sum")
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        optimizer = optimizer_class(base, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4,
+                                    loss_reduction="mean")  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(inputs), targets, reduction="sum").backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        return layer.weight.detach().clone()
+
+    honest = torch.tensor([[0.1, 0.2, 0.3], [1.0, -1.0, 0.5], [0.3, 0.3, -0.2]])
+    labels = torch.tensor([0, 1, 1])
+    overflowing = torch.cat([honest, torch.tensor([[float("inf"), 0.0, 1.0]])])
+    with_target = torch.cat([labels, torch.tensor([1])])
+    without = step(honest, labels, FiniteDPOptimizer)
+    guarded = step(overflowing, with_target, FiniteDPOptimizer)
+    assert torch.isfinite(guarded).all() and torch.allclose(guarded, without)
+    assert not torch.isfinite(step(overflowing, with_target, DPOptimizer)).all()  # Opacus alone: NaN everywhere
+
+
+def test_weights_too_large_to_be_honest_are_refused_before_training() -> None:
+    recipe = Recipe("small-cnn", 16, 2, "sgd", 0.1, 1, 8, 1.0, 1.0)
+    torch.manual_seed(0)
+    arrays = {k: v.detach().numpy().copy() for k, v in build_model("small-cnn", 2, 16).state_dict().items()}
+    first = next(iter(arrays))
+    arrays[first] = arrays[first].copy()
+    arrays[first].flat[0] = 1e38  # finite, and far beyond any trained network's weights
+    data = ImageSet(np.zeros((4, 16, 16), np.uint8), np.array([0, 1, 0, 1]), ("no", "yes"))
+    with pytest.raises(RecipeError, match="magnitude") as err:
+        train_dp(recipe, data, arrays)
+    assert err.value.rule == "manifest.range"

@@ -82,3 +82,24 @@ def test_the_demo_turns_a_policy_text_to_trusted_mode_keeping_everything_else() 
     assert "# How this hospital takes part in training." in with_trusted_mode(text)  # comments kept
     assert parse_policy(with_trusted_mode(""), "e").training.mode == "trusted"
     assert parse_policy(with_trusted_mode("[training]\nmax_lr = 0.5\n"), "m").training.max_lr == 0.5
+
+
+@pytest.mark.parametrize("mode", ["trusted", "both"])
+def test_trusted_training_and_secagg_cannot_be_combined(mode: str) -> None:
+    """SecAgg+'s collect stage runs the research team's ClientApp: with trusted training allowed,
+    the policy is refused, and a Policy built in code gets no SecAgg+ handler."""
+    import dataclasses
+
+    from fedgate.errors import PolicyError
+    from fedgate.policy.model import default_policy_text, parse_policy
+    from fedgate.secagg.handler import handlers_for
+    from fedgate.secagg.policy import with_secagg_table
+
+    text = with_secagg_table(default_policy_text(), 5).replace('mode = "gated"', f'mode = "{mode}"', 1)
+    with pytest.raises(PolicyError, match="cannot be combined"):
+        parse_policy(text, "p")
+    secagg = parse_policy(with_secagg_table(default_policy_text(), 5), "s")
+    assert handlers_for(secagg, secagg.secagg)  # the control: gated mode gets its handler
+    built = dataclasses.replace(secagg, training=TrainingPolicy(mode=mode))
+    with pytest.raises(PolicyError):
+        handlers_for(built, built.secagg)

@@ -18,6 +18,7 @@ from fedgate.data.loaders import ImageSet, load_dataset
 from fedgate.data.partition import partition
 
 NODE_CONFIG_KEY = "fedgate.hospital-data"  # how the executor hands a HospitalData (JSON) to the trusted app
+EXPECTED_KEY = "fedgate.expected-train-set"  # {"num_examples", "sha256"}: what the hospital accounted for
 
 
 @dataclass(frozen=True)

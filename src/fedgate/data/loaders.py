@@ -68,6 +68,13 @@ class ImageSet:
     def subset(self, index: np.ndarray) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.class_names)
 
+    def digest(self) -> str:
+        """SHA-256 of the pixels, labels and shape: two loads of the same data give the same one."""
+        h = hashlib.sha256(repr((self.images.shape, str(self.images.dtype), str(self.labels.dtype))).encode())
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()
+
 
 def to_gray_square(image: Image.Image, size: int) -> np.ndarray:
     """Grayscale, resized to size x size. `draft` lets the JPEG decoder downscale for free."""

@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Context, RecordDict
 
 from fedgate.canonical import decimal_str
-from fedgate.data.hospital import NODE_CONFIG_KEY, HospitalData
+from fedgate.data.hospital import EXPECTED_KEY, NODE_CONFIG_KEY, HospitalData
 from fedgate.errors import GateRefusal
 from fedgate.executor.audit_data import share_of
 from fedgate.executor.hospital import AppSource, Hospital
@@ -62,6 +62,7 @@ class TrustedTask:
     category: str
     recipe: Recipe
     arrays: dict[str, np.ndarray]
+    expected: dict[str, Any] = dataclasses.field(default_factory=dict)  # the train set the plan was made for
 
 
 def recipe_keys(raw: bytes) -> tuple[str, dict[str, Any]]:
@@ -116,8 +117,11 @@ class TrustedTraining:
         self, hospital: Hospital, instruction: bytes, context: bytes, arrived: float, app_source: AppSource | None
     ) -> tuple[bytes, bytes | None]:
         del app_source  # the research team's app (the node's FAB intake) is never asked for
-        task, problem, planned = self._check(instruction)
         gate = hospital.gate
+        if gate.state().halted:  # refused anyway: no data is read, no network built
+            task, problem, planned = None, None, None
+        else:
+            task, problem, planned = self._check(instruction)
         admission = gate.admit(instruction, arrived, dp_sgd=planned)
         if admission.refusal is None and problem is not None:
             admission = dataclasses.replace(admission, refusal=problem)
@@ -131,13 +135,15 @@ class TrustedTraining:
                     "recipe": {k: _plain(v) for k, v in recipe_to_config(task.recipe).items()},
                     "data": self.data.describe(),
                     "planned_dp_sgd": planned_json,
+                    "train_set": task.expected or None,
                 }
             }
 
             def source() -> tuple[AppRef, dict[str, Any]]:
                 return TRUSTED_APP, evidence
 
-            outcome, _ = hospital.sandboxed(instruction, self._context(context), admission.run_id, source, arrived)
+            ctx = self._context(context, task.expected)
+            outcome, _ = hospital.sandboxed(instruction, ctx, admission.run_id, source, arrived)
         return hospital._send(gate.conclude(admission, outcome), instruction), None
 
     def _check(self, instruction: bytes) -> tuple[TrustedTask | None, GateRefusal | None, DpSgdEvent | None]:
@@ -158,17 +164,22 @@ class TrustedTraining:
             return task, None, None
         try:
             train, _ = self.data.load(task.recipe.image_size)
-            return task, None, planned_event(task.recipe, len(train))
+            # The sandbox loads the data again: it trains only if it finds exactly this set, so what
+            # is accounted (n, hence q and the steps) is what trains.
+            expected = {"num_examples": len(train), "sha256": train.digest()}
+            return dataclasses.replace(task, expected=expected), None, planned_event(task.recipe, len(train))
         except RecipeError as err:
             return None, as_refusal(err), None
         except Exception as err:
             return None, GateRefusal("data", f"the hospital's data: {type(err).__name__}: {err}"[:500]), None
 
-    def _context(self, context: bytes) -> bytes:
+    def _context(self, context: bytes, expected: dict[str, Any] | None = None) -> bytes:
         """The trusted app's context: the ids, and the hospital's own data choice. Nothing of the
         server's run config or node config reaches it."""
         given = context_from_bytes(context)
         node_config: dict[str, Any] = {NODE_CONFIG_KEY: json.dumps(self.data.to_json(), sort_keys=True)}
+        if expected:
+            node_config[EXPECTED_KEY] = json.dumps(expected, sort_keys=True)
         ctx = Context(run_id=given.run_id, node_id=given.node_id, node_config=node_config,  # type: ignore[arg-type]
                       state=RecordDict(), run_config={})  # fmt: skip
         return context_to_bytes(ctx)

@@ -176,7 +176,7 @@ def finite_or_none(value: float) -> float | None:
     return None if math.isinf(value) or math.isnan(value) else value
 
 
-CLAIMED_PRIVACY = re.compile(r"eps|epsilon|delta|privacy|dp[-_]", re.IGNORECASE)
+CLAIMED_PRIVACY = re.compile(r"eps|epsilon|ε|delta|δ|privacy|dp[-_]", re.IGNORECASE)
 
 
 def claimed_privacy(entry: ReplyEntry) -> dict[str, str]:

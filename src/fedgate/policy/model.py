@@ -396,6 +396,15 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         f"must be 'hospital' (across every run) or 'run', got {budget_scope!r}",
     )
 
+    secagg = _parse_secagg(data.get("secagg", {}), noise_mode)
+    training = _parse_training(data.get("training", {}))
+    # SecAgg+'s collect stage runs the research team's ClientApp; trusted mode promises none runs.
+    _require(
+        not (secagg.enabled and training.allows_trusted),
+        "training.mode",
+        f"{training.mode!r} cannot be combined with [secagg] enabled yet: SecAgg+ runs the research team's "
+        "ClientApp at its collect stage, which trusted mode promises never happens; turn one of them off",
+    )
     return Policy(
         approved_manifest=approved,
         clip_norm=clip_norm,
@@ -413,8 +422,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         release=release_policy,
         budget_scope=budget_scope,
         fab=_parse_fab(data.get("fab", {})),
-        secagg=_parse_secagg(data.get("secagg", {}), noise_mode),
-        training=_parse_training(data.get("training", {})),
+        secagg=secagg,
+        training=training,
         privacy=_parse_privacy(_Section(data, "privacy")),
         audit=AuditPolicy.from_dict(data.get("audit", {})),
     )

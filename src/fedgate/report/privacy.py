@@ -138,7 +138,9 @@ def privacy_paragraphs(facts: PrivacyFacts) -> list[str]:
         "These figures are cumulative over every run this hospital took part in, recomputed by the gate from what "
         "it ran, never from anything the research team reports. They cover the model updates that left. The "
         "quantised metrics beside them (the bucketed number of images; evaluation loss and accuracy on the local "
-        "validation images) are not covered by ε: they are limited by the bits stated for each run above."
+        "validation images) are not covered by ε, nor is whether and when a reply left (a refusal decided after "
+        "training, by the leakage audit or a reviewer, depends on the data): they are limited by the bits stated "
+        "for each run above."
     )
     return words
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedgate.errors import FedgateError, GateRefusal
+from fedgate.errors import FedgateError, GateRefusal, PolicyError
 from fedgate.flower_adapter import (
     SECAGG_CONFIGS,
     SecAggStage,
@@ -334,6 +334,8 @@ def handlers_for(policy: Policy, secagg: SecAggPolicy) -> tuple[SecAggHandler, .
     requires SecAgg+ for every train reply, whatever `secagg.require` says."""
     if not secagg.enabled:
         return ()
+    if policy.training.allows_trusted:  # parse_policy refuses this; a Policy built in code must not get round it
+        raise PolicyError("SecAgg+ runs the research team's ClientApp, which trusted training mode forbids")
     return (SecAggHandler(secagg, require=secagg.require or policy.noise_mode == "distributed"),)
 
 

@@ -10,6 +10,7 @@
     max_batch_size = 512             # expected Poisson batch
     max_image_size = 256
     max_lr = 1.0
+    max_classes = 10
     dataset = "folder:/srv/fedgate/images"   # the images trusted mode trains on (never the recipe's choice)
 
 Default-deny: a key the table does not know is an error, and the defaults allow only the
@@ -41,6 +42,7 @@ class TrainingPolicy:
     max_batch_size: int = 512
     max_image_size: int = 256
     max_lr: float = 1.0
+    max_classes: int = 10  # the head's size: bounds the network a recipe makes the hospital build
     dataset: str = ""  # a `fedgate.data.load_dataset` spec; "" in simulation (each hospital's share)
 
     @property
@@ -132,6 +134,8 @@ def validate_recipe(recipe: Recipe, policy: TrainingPolicy) -> None:
         ("max_image_size", "image-size", recipe.image_size <= policy.max_image_size,
          f"image size {recipe.image_size} exceeds {policy.max_image_size}"),
         ("max_lr", "lr", recipe.lr <= policy.max_lr, f"learning rate {recipe.lr} exceeds {policy.max_lr}"),
+        ("max_classes", "classes", recipe.classes <= policy.max_classes,
+         f"{recipe.classes} classes exceed {policy.max_classes}"),
     )  # fmt: skip
     for rule, key, ok, message in checks:
         if not ok:

@@ -61,6 +61,26 @@ class TrainResult:
         return DpSgdEvent(self.sample_rate, self.noise_multiplier, self.steps)
 
 
+class FiniteDPOptimizer(DPOptimizer):  # type: ignore[misc]
+    """Opacus' DP optimizer, with one more rule before per-sample clipping: a sample whose
+    gradient holds a NaN or an infinity contributes zero. Clipping alone does not cover it
+    (C / NaN is NaN, and 0 x inf is NaN), and a server that chooses the weights can make one
+    patient's gradient overflow while everyone else's stays finite: the reply would then be
+    non-finite, and refused, exactly when that patient is in the data. A zero contribution is
+    within the sensitivity every sample has, so the guarantee stays as accounted."""
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.grad_samples
+        if samples and len(samples[0]):
+            finite = torch.ones(len(samples[0]), dtype=torch.bool, device=samples[0].device)
+            for grad in samples:
+                finite &= torch.isfinite(grad.reshape(len(grad), -1)).all(dim=1)
+            if not bool(finite.all()):
+                for grad in samples:  # the flat per-sample gradients are the parameters' own tensors
+                    grad[~finite] = 0
+        super().clip_and_accumulate()
+
+
 def model_input(images: np.ndarray) -> torch.Tensor:
     """uint8 (n, h, w) to the zoo models' input: float32 (n, 1, h, w), (x/255 - 0.5)/0.25
     (the reference app's scaling, so a model moves between gated and trusted mode unchanged)."""
@@ -201,7 +221,7 @@ def _run(
         base = torch.optim.SGD(private.parameters(), lr=recipe.lr)
     else:
         base = torch.optim.Adam(private.parameters(), lr=recipe.lr)
-    optimizer = DPOptimizer(
+    optimizer = FiniteDPOptimizer(
         base,
         noise_multiplier=recipe.noise_multiplier if add_noise else 0.0,
         max_grad_norm=recipe.max_grad_norm,
@@ -227,7 +247,7 @@ def _run(
 def _steps(
     recipe: Recipe,
     private: GradSampleModule,
-    optimizer: DPOptimizer,
+    optimizer: FiniteDPOptimizer,
     sampler: UniformWithReplacementSampler,
     inputs: torch.Tensor,
     flipped: torch.Tensor,

@@ -87,6 +87,11 @@ def manifest_of_arrays(arrays: Mapping[str, np.ndarray]) -> Manifest:
     return Manifest.of_arrays(arrays)
 
 
+# No zoo network, trained or not, comes near this; a server's weights beyond it are refused before
+# training (a finite weight of 1e38 overflows on one chosen image only: a membership test).
+MAX_ABS_WEIGHT = 1e4
+
+
 def check_arrays(name: str, n_classes: int, image_size: int, arrays: Mapping[str, np.ndarray]) -> None:
     """Refuse arrays that are not exactly the zoo network's tensors, or hold a non-finite value."""
     declared = manifest(name, n_classes, image_size)
@@ -102,3 +107,10 @@ def check_arrays(name: str, n_classes: int, image_size: int, arrays: Mapping[str
     for key, array in arrays.items():
         if not np.isfinite(array).all():
             raise RecipeError("manifest.finite", f"tensor {key!r} holds a NaN or infinite value", tensor=key)
+        if array.size and float(np.abs(array).max()) > MAX_ABS_WEIGHT:
+            raise RecipeError(
+                "manifest.range",
+                f"tensor {key!r} holds a value of magnitude above {MAX_ABS_WEIGHT:g}: weights that large only serve "
+                "to make one image's computation overflow",
+                tensor=key,
+            )
