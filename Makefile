@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export OMP_NUM_THREADS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup sandbox-deps browser-deps demo test lint typecheck unit slow bench clean
+.PHONY: setup sandbox-deps browser-deps demo test test-all lint typecheck unit slow bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,10 +52,19 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# CI runs `make test`: lint, types and every test not marked slow or gpu (pyproject's addopts),
+# under 10 minutes on 2 cores. `make slow` runs the heavy end-to-end checks (full-size
+# federations, every attack at once, deployment with three hospitals, long reviews); run it
+# (or `make test-all`) before a release. Nothing slow is deleted: it only moves here.
 unit: setup sandbox-deps browser-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+slow: setup sandbox-deps browser-deps
+	$(BIN)/pytest -q -m slow
+
+test-all: test slow
 
 bench: setup
 	$(BIN)/python benchmarks/ledger_append.py

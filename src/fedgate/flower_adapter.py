@@ -263,6 +263,9 @@ def run_simulation(
         "init_args": {
             "num_cpus": max(1, min(os.cpu_count() or 1, hospitals)),
             "_temp_dir": ray_dir,
+            # Nothing can reach a dashboard from the server side's sandbox (loopback only), and
+            # its processes cost seconds of CPU at every start.
+            "include_dashboard": False,
             "logging_level": logging.DEBUG if verbose else logging.ERROR,
             "log_to_driver": verbose,
         },

@@ -26,7 +26,7 @@ from fedgate.gate.entries import ReplyEntry, read_entries
 from fedgate.ledger.store import Ledger
 from fedgate.ledger.verify import verify_ledger
 from fedgate.policy import default_policy_text, load_policy
-from malicious_apps import ATTACK_RULES, CANARY, check_refusals
+from malicious_apps import ATTACK_RULES, CANARY, SOME_ATTACKS, check_refusals
 
 TESTS = Path(__file__).resolve().parents[1]
 TEST_APP_FILES = ("malicious_apps.py", "canary_server_app.py", "model_fixtures.py", "sandbox_apps.py")
@@ -57,6 +57,7 @@ def processes_of(run_dir: Path) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # the real app, three hospitals, full images; the fast run checks the same records below
 def test_reference_app_trains_across_three_hospitals(tmp_path: Path) -> None:
     out = tmp_path / "deploy"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
@@ -107,8 +108,17 @@ def make_test_fab(folder: Path, extra: dict[str, str] | None = None) -> Path:
     return folder
 
 
-def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused(tmp_path: Path) -> None:
-    attacks = [*ATTACK_RULES, "sandbox-escape", "honest"]
+@pytest.mark.parametrize(
+    "played",
+    [
+        pytest.param(SOME_ATTACKS, id="one-per-path"),
+        pytest.param(list(ATTACK_RULES), id="every-attack", marks=pytest.mark.slow),
+    ],
+)
+def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused(
+    tmp_path: Path, played: list[str]
+) -> None:
+    attacks = [*played, "sandbox-escape", "honest"]
     escape, unapproving = len(attacks) - 2, len(attacks) - 1
     secret = tmp_path / "private" / "ledger-key"
     secret.parent.mkdir()
@@ -159,6 +169,20 @@ def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused
     received = (out / "runs" / str(summary["run_id"]) / "server-received.bin").read_bytes()
     assert CANARY not in received and b"patient-0042" not in received
     assert b"fab" not in received.lower() or b"not-approved" not in received  # only the generic refusal
+
+    # What the slow reference run checks of every reply, here of an honest hospital's.
+    assert attacks[0] == "honest"
+    with Ledger(out / "hospital-0" / "ledger", create=False) as ledger:
+        sent = [e for e in read_entries(ledger) if isinstance(e, ReplyEntry) and e.sent]
+    assert len(sent) == 3
+    for entry in sent:  # out of a fully isolated sandbox, of the FAB this hospital checked, over TLS
+        assert entry.isolation_mode == "sandbox" and entry.isolation_enforced
+        assert entry.executor["as_root"] == (os.geteuid() == 0)
+        assert len(entry.executor["fab_sha256"]) == 64 and entry.executor["fab"]["verdict"] == "accepted"
+        assert entry.destination.startswith("https://127.0.0.1:")
+    superlink_log = (out / "logs" / "superlink.log").read_text()
+    assert "insecure" not in superlink_log.lower() and "authentication is disabled" not in superlink_log
+    assert processes_of(out) == [], "processes were left running"
 
 
 def test_every_process_is_stopped_on_ctrl_c_on_sigterm_and_on_failure(tmp_path: Path) -> None:
