@@ -54,3 +54,11 @@ def test_distributed_noise_share() -> None:
 def test_missing_file_says_how_to_create_one(tmp_path) -> None:
     with pytest.raises(PolicyError, match="fedgate policy init"):
         load_policy(tmp_path / "policy.toml")
+
+
+def test_an_audit_budget_that_would_eat_the_release_horizon_is_refused() -> None:
+    on = default_policy_text().replace("every_rounds = 0 ", "every_rounds = 1 ", 1)
+    text = on.replace("budget_s = 60 ", "budget_s = 400 ", 1)  # the horizon: 0.5 s x 1024 slots = 512 s
+    with pytest.raises(PolicyError, match=r"audit\.budget_s"):
+        parse_policy(text, "p")
+    assert parse_policy(on, "p").audit.budget_s == 60

@@ -396,6 +396,14 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         f"must be 'hospital' (across every run) or 'run', got {budget_scope!r}",
     )
 
+    audit = AuditPolicy.from_dict(data.get("audit", {}))
+    # The audit runs after the app and before the last release slot: it must fit well inside the horizon.
+    _require(
+        audit.reserve_s() <= release_policy.horizon_s / 2,
+        "audit.budget_s",
+        f"{audit.budget_s:g} s leaves too little of the release horizon ({release_policy.horizon_s:g} s = "
+        "release.slot_s x release.max_slots) for the ClientApp: keep it at most half of it",
+    )
     secagg = _parse_secagg(data.get("secagg", {}), noise_mode)
     training = _parse_training(data.get("training", {}))
     # SecAgg+'s collect stage runs the research team's ClientApp; trusted mode promises none runs.
@@ -425,7 +433,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         secagg=secagg,
         training=training,
         privacy=_parse_privacy(_Section(data, "privacy")),
-        audit=AuditPolicy.from_dict(data.get("audit", {})),
+        audit=audit,
     )
 
 
