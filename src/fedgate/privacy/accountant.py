@@ -28,14 +28,14 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import version
-from typing import Literal
-
-import dp_accounting
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING, Literal
 
 from fedgate.privacy.events import DpSgdEvent, PrivacyError, PrivacyEvent, UpdateNoiseEvent
 from fedgate.privacy.statement import NEIGHBOURING, EpsilonStatement, Level
 from fedgate.privacy.zcdp import epsilon_from_rho
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 Accountant = Literal["pld", "rdp"]
 ACCOUNTANTS: tuple[Accountant, ...] = ("pld", "rdp")
@@ -79,6 +79,8 @@ def merge(events: Iterable[PrivacyEvent]) -> tuple[PrivacyEvent, ...]:
 
 
 def _dp_events(events: Sequence[PrivacyEvent], update_sensitivity: float) -> list[dp_accounting.DpEvent]:
+    import dp_accounting  # 1.5-4.5 s (scipy): only when a figure is computed, not in every `fedgate` process
+
     """dp-accounting events; an update-noise reply with sensitivity k·C has noise multiplier z/k."""
     out: list[dp_accounting.DpEvent] = []
     for event in events:
@@ -96,6 +98,9 @@ def _dp_events(events: Sequence[PrivacyEvent], update_sensitivity: float) -> lis
 
 
 def _rdp_epsilon(events: list[dp_accounting.DpEvent], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant()
     with _quiet_absl():
         accountant.compose(dp_accounting.ComposedDpEvent(events))
@@ -103,6 +108,9 @@ def _rdp_epsilon(events: list[dp_accounting.DpEvent], delta: float) -> float:
 
 
 def _pld_epsilon(events: list[dp_accounting.DpEvent], delta: float, discretisation: float) -> float:
+    import dp_accounting
+    from dp_accounting import pld
+
     accountant = pld.PLDAccountant(value_discretization_interval=discretisation)
     accountant.compose(dp_accounting.ComposedDpEvent(events))
     return float(accountant.get_epsilon(delta))

@@ -19,8 +19,6 @@ import math
 from typing import Literal
 
 import numpy as np
-from dp_accounting import get_epsilon_gaussian
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedgate.privacy.events import PrivacyError
 
@@ -60,8 +58,12 @@ def epsilon_from_rho(rho: float, delta: float, *, conversion: Literal["gaussian"
     if math.isinf(rho):
         return math.inf
     if conversion == "gaussian":
+        from dp_accounting import get_epsilon_gaussian  # imported on use: scipy costs seconds at start-up
+
         return float(get_epsilon_gaussian(1.0 / math.sqrt(2.0 * rho), delta))
     if conversion == "zcdp":
+        from dp_accounting.rdp import rdp_privacy_accountant
+
         epsilon, _ = rdp_privacy_accountant.compute_epsilon(_ORDERS, _ORDERS * rho, delta)
         return float(epsilon)
     raise PrivacyError(f"conversion must be 'gaussian' or 'zcdp', got {conversion!r}")
