@@ -224,7 +224,10 @@ def deployment(args: argparse.Namespace, tmp: Path, config: dict[str, Any]) -> d
     ):
         app = app_copy(tmp / "deployment" / name, serverapp, clientapp)
         out = tmp / "deployment" / name / "federation"
-        run_local_deployment(out, args.hospitals, args.rounds, chosen, config, console, app_dir=app)
+        try:
+            run_local_deployment(out, args.hospitals, args.rounds, chosen, config, console, app_dir=app)
+        except Exception as err:  # the rounds may all be in: measure them, and say what failed after
+            print(f"  ({name}: the run ended with {type(err).__name__}: {err}; measured from its metrics file)")
         (metrics,) = out.glob(f"runs/*/{METRICS_FILE}")
         results[name] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if name == "secagg":
