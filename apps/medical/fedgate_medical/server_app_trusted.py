@@ -38,7 +38,7 @@ def recipe_from(context: Context, cfg: AppConfig) -> Recipe:
         local_epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         max_grad_norm=float(run.get("max-grad-norm", 1.0)),
-        noise_multiplier=float(run.get("noise-multiplier", 1.0)),
+        noise_multiplier=float(run.get("noise-multiplier", 2.0)),
     )
 
 

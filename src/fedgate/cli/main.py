@@ -217,8 +217,9 @@ def demo(
         bool,
         typer.Option(
             help="Trusted training: no research-team code runs at the hospitals. The reference ServerApp sends a "
-            "recipe (fedgate's small CNN, DP-SGD with noise multiplier 1.0, clip 1.0) with stock FedAvg; each "
-            "hospital trains it with fedgate's own Opacus trainer, so the per-patient epsilon is enforced.",
+            "recipe (fedgate's small CNN, DP-SGD with noise multiplier 2.0, clip 1.0: per-patient epsilon <= 8 "
+            "for every demo hospital over 12 rounds) with stock FedAvg; each hospital trains it with fedgate's "
+            "own Opacus trainer, so the per-patient epsilon is enforced.",
         ),
     ] = False,
 ) -> None:
