@@ -161,7 +161,7 @@ def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused
         server.close()
 
     fab_refusals = summary["refusals"][f"hospital-{unapproving}"]
-    assert {r["rule"] for r in fab_refusals} == {"fab-fab-not-approved"}
+    assert {r["rule"] for r in fab_refusals} == {"fab-not-approved"}
     assert not (out / f"hospital-{unapproving}" / "fabs").exists() or not any(
         (out / f"hospital-{unapproving}" / "fabs").iterdir()
     )  # nothing of the unapproved app was written

@@ -303,7 +303,8 @@ class Hospital:
             app, extra = app_source() if app_source is not None else (self.config.app, {})
         except FabRefused as err:
             executor["fab"] = err.report.to_json() if err.report is not None else {"rule": err.rule}
-            return AppOutcome(None, str(err)[:2000], f"fab-{err.rule}", none, executor), None
+            rule = err.rule if err.rule.startswith("fab-") else f"fab-{err.rule}"  # one prefix, as the docs name it
+            return AppOutcome(None, str(err)[:2000], rule, none, executor), None
         except FedgateError as err:
             return AppOutcome(None, str(err)[:2000], "fab-install", none, executor), None
         executor.update(extra)
