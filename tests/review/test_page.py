@@ -5,7 +5,9 @@ here fails if its check is removed from `fedgate.review.app`."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from holding import AUTH, TOKEN, csrf_of, hold, page, wait_pending
@@ -16,11 +18,25 @@ from malicious_apps import honest
 
 
 @pytest.fixture
-def pending(tmp_path: Path) -> tuple[Path, int]:
-    """A real held reply: the gate waits on another thread (it times out when the test ends)."""
-    hold(gate_for(tmp_path, review_mode="always", review_timeout_s=120.0), instruction(), honest)
+def pending(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A real held reply: the gate waits on another thread. Afterwards the item is decided (if the
+    test left it pending) and that thread is joined: a gate thread left waiting would still hold
+    its locks when a later test forks (the sandbox's outside controls), and the child could hang."""
+    held = hold(gate_for(tmp_path, review_mode="always", review_timeout_s=120.0), instruction(), honest)
     [item] = wait_pending(tmp_path / "hospital-0")
-    return tmp_path, item.id
+    yield tmp_path, item.id
+    end_hold(tmp_path, item.id, held)
+
+
+def end_hold(root: Path, item_id: int, held: Any) -> None:
+    queue = ReviewQueue(root / "hospital-0")
+    try:
+        current = queue.get(item_id)
+        if current is not None and current.status == PENDING:
+            queue.decide(item_id, False, "pytest", "test over")
+    finally:
+        queue.close()
+    held.thread.join(timeout=60)
 
 
 def status(root: Path, item_id: int) -> str:
@@ -157,10 +173,13 @@ def test_an_epsilon_the_client_app_reports_is_marked_as_its_claim(tmp_path: Path
         records["metrics"] = MetricRecord({"train-loss": 0.4, "num-examples": 123, "epsilon": 0.5})
         return Message(RecordDict(records), reply_to=ins)  # type: ignore[arg-type]
 
-    hold(gate, instruction(), claims_privacy)
+    held = hold(gate, instruction(), claims_privacy)
     [item] = wait_pending(tmp_path / "hospital-0")
-    with page(tmp_path) as client:
-        html = client.get(f"/items/hospital-0/{item.id}", headers=AUTH).text
+    try:
+        with page(tmp_path) as client:
+            html = client.get(f"/items/hospital-0/{item.id}", headers=AUTH).text
+    finally:
+        end_hold(tmp_path, item.id, held)
     epsilon_row = html[html.index("<td>epsilon</td>") :].split("</tr>")[0]
     assert "claimed by the research team" in epsilon_row and "not enforced" in epsilon_row
     loss_row = html[html.index("<td>train-loss</td>") :].split("</tr>")[0]
