@@ -3,7 +3,6 @@ train / evaluate loops. Shared by the ClientApp and the ServerApp."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -11,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedgate_medical.data import ImageSet, load_dataset
+from fedgate.data import ShareSpec, global_test_dataset, hospital_dataset
+from fedgate_medical.data import ImageSet
 from fedgate_medical.models import build_model
-from fedgate_medical.partition import partition
 
 # One thread per client: on two cores, torch with two threads slows 10-40x as soon as
 # another process (the other hospital) also uses the CPU.
@@ -52,36 +51,22 @@ class AppConfig:
         return (self.dataset, self.image_size, self.subset, self.partition, self.alpha, self.test_fraction, self.seed)
 
 
-@functools.lru_cache(maxsize=4)
-def _dataset(spec: str, size: int, subset: int, seed: int) -> ImageSet:
-    data = load_dataset(spec, size)
-    if subset and subset < len(data):
-        rng = np.random.default_rng([seed, 4])
-        return data.subset(np.sort(rng.permutation(len(data))[:subset]))
-    return data
-
-
-@functools.lru_cache(maxsize=64)
-def split_for(key: tuple[Any, ...], n_hospitals: int) -> tuple[ImageSet, tuple[ImageSet, ...]]:
-    """(global test set, per-hospital sets). Deterministic in the config, so every process
-    (each simulated hospital, the server) derives the same split without exchanging it."""
-    spec, size, subset, scheme, alpha, test_fraction, seed = key
-    data = _dataset(spec, size, subset, seed)
-    split = partition(data.labels, n_hospitals, scheme, alpha, test_fraction, seed)
-    return data.subset(split.test), tuple(data.subset(index) for index in split.hospitals)
+def share_of(cfg: AppConfig) -> ShareSpec:
+    return ShareSpec(*cfg.data_key())
 
 
 def hospital_data(cfg: AppConfig, hospital: int, n_hospitals: int) -> tuple[ImageSet, ImageSet]:
-    """A hospital's (train, local validation) sets: 90/10 of its share."""
-    _, hospitals = split_for(cfg.data_key(), n_hospitals)
-    mine = hospitals[hospital]
-    order = np.random.default_rng([cfg.seed, 5, hospital]).permutation(len(mine))
-    n_val = max(1, len(mine) // 10)
-    return mine.subset(np.sort(order[n_val:])), mine.subset(np.sort(order[:n_val]))
+    """A hospital's (train, local validation) sets: 90/10 of its share. fedgate's own split, so
+    that a hospital in trusted mode trains on exactly the images this app would."""
+    share = share_of(cfg)
+    return hospital_dataset(
+        share.dataset, hospital, n_hospitals, image_size=share.image_size, subset=share.subset,
+        partition=share.partition, alpha=share.alpha, test_fraction=share.test_fraction, seed=share.seed,
+    )  # fmt: skip
 
 
 def global_test_data(cfg: AppConfig, n_hospitals: int) -> ImageSet:
-    return split_for(cfg.data_key(), n_hospitals)[0]
+    return global_test_dataset(share_of(cfg), n_hospitals)
 
 
 def to_tensors(data: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
