@@ -14,20 +14,22 @@ says as much about the neighbours as about the code; the load average is printed
    (`Outcome.wire` where the tree has it, else `message_to_bytes(outcome.message)`), with
    N earlier ledger entries for each N in --ledger-sizes: one gate per N, filled first, then
    the gates take turns reply by reply, each reply followed by its own SHA-256 pass; "x sha"
-   is the median of those per-reply ratios (the neighbours' load falls on both alike). The
-   release slot's wait (a policy choice, not a cost) is skipped; the policy is the shipped one with no budget limit.
-   --before-src is a source tree of another version (e.g. `git archive HEAD src | tar -x -C
-   /tmp/fedgate-before`), run the same way in its own process. "malloc THP" reruns this tree
-   with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: a fresh 45 MB `bytes` then costs ~10 ms of page
-   faults instead of ~45 ms on this VM (a setting of the executor's process, not of the code).
-   "+ digest at admit*" also models a change proposed for the pipeline, not made (see
-   `pipeline_child`).
+   is the median of those per-reply ratios (the neighbours' load falls on both alike). Two
+   rows per N: "back to back" calls conclude right after admit; "app between" first lets
+   what admit starts on threads finish — the instruction's SHA-256 and the reply's noise,
+   which depends on the model's size and the policy, not on the reply — untimed: in a
+   round the ClientApp runs there for seconds (on a GPU hospital, with the CPU idle). That
+   row is the wall clock on the reply's path; the CPU column counts all of it in both rows.
+   The release slot's wait (a policy choice, not a cost) is skipped; the policy is the
+   shipped one with no budget limit. --before-src is a source tree of another version (e.g.
+   `git archive HEAD src | tar -x -C /tmp/fedgate-before`),
+   run the same way in its own process.
 2. Per stage (`stages`), this tree, same payload: decode (Flower's parse and `Array.numpy()`,
    as before; the gate's `decode_reply`: views), checks (manifest, integer tensors),
    norm, clip (+ write), noise, the whole `noised_update`, encode (Flower's serde, as before;
-   `npy_array` + `codec.encode_message`, as now; the message alone is what the executor pays
-   again while `_send` re-encodes `Outcome.message` instead of shipping `Outcome.wire`) and
-   the ledger append with fsync.
+   `npy_array` + `codec.encode_message`, the slow path a reply held for review or masked by
+   SecAgg+ still takes), the fast path (`codec.LaidOutReply`: lay out the reply, then
+   `noised_update` writing into it: no encode step at all) and the ledger append with fsync.
 3. The noise generator's throughput in samples per second, per tree: numpy PCG64DXSM `normal`
    (the generator before issue 15's first half) and `NoiseSource.integer_gaussian` on one
    thread and on all."""
@@ -54,7 +56,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: malloc'd buffers in transparent huge pages
 SIGMA = 0.01  # the shipped policy: C = 1, z = 0.01
 CLIP = 1.0
 Row = tuple[str, float, float]
@@ -126,11 +127,8 @@ def load_line() -> str:
 # -- 1. end to end -------------------------------------------------------------------------------
 
 
-def pipeline_child(name: str, repeats: int, sizes: list[int], variant: str = "") -> None:
-    """One process, one source tree (PYTHONPATH): admit + conclude + the shipped bytes.
-    variant "digest-at-admit" models a change proposed to the lead, not made: the
-    instruction's SHA-256 (recorded in its ledger entry) computed on a thread from `admit`
-    on, where in a real round it overlaps the ClientApp's run, instead of inside `conclude`."""
+def pipeline_child(name: str, repeats: int, sizes: list[int]) -> None:
+    """One process, one source tree (PYTHONPATH): admit + conclude + the shipped bytes."""
     import dataclasses
 
     import fedgate
@@ -154,8 +152,6 @@ def pipeline_child(name: str, repeats: int, sizes: list[int], variant: str = "")
         waits.append(max(0.0, at - time.time()))
 
     pipeline_module.wait_until = skip_wait  # type: ignore[assignment]
-    if variant == "digest-at-admit":
-        _digest_at_admit(pipeline_module)
     _, _, _, raw_instruction, raw_reply = messages(name)
     policy = dataclasses.replace(load_policy(None), release=ReleasePolicy(slot_s=0.001, max_slots=1 << 30),
                                  max_total_bits=0.0)  # fmt: skip
@@ -165,18 +161,29 @@ def pipeline_child(name: str, repeats: int, sizes: list[int], variant: str = "")
         gates = {size: GatePipeline(policy, Path(tmp) / f"hospital-{size}", "hospital-0", "bench://server")
                  for size in sizes}  # fmt: skip
 
-        def once(gate: Any) -> bytes:
+        def once(gate: Any, app_between: bool = False) -> tuple[int, float, float]:
+            """(shipped bytes, wall s without the app's run, CPU s of everything)."""
+            wall, cpu = time.perf_counter(), time.process_time()
             admission = gate.admit(raw_instruction)
+            waited = time.perf_counter()
+            digest, noise = getattr(admission, "digest", None), getattr(admission, "noise", None)
+            if app_between:  # the ClientApp runs here: the instruction's hash and the noise end on their threads
+                if digest is not None:
+                    digest.hexdigest()
+                if noise is not None:
+                    noise.wait()
+            waited = time.perf_counter() - waited
             outcome = gate.conclude(admission, AppOutcome(raw_reply))
-            if not outcome.decision.sent or outcome.message is None:
+            if not outcome.decision.sent:
                 raise SystemExit(f"refused: {outcome.decision.reason}")
-            wire = getattr(outcome, "wire", None)
-            return wire if wire is not None else message_to_bytes(outcome.message)
+            wire = getattr(outcome, "wire", None)  # what the executor ships (`outcome.message` is read
+            shipped = len(wire if wire is not None else message_to_bytes(outcome.message))  # back from it)
+            return shipped, time.perf_counter() - wall - waited, time.process_time() - cpu
 
         fills: dict[int, float] = {}
         payload = 0
         for size, gate in gates.items():
-            payload = len(once(gate))  # records the policy, pins the model, warms every path
+            payload, _, _ = once(gate)  # records the policy, pins the model, warms every path
             filler = {k: v for k, v in gate.ledger.entries()[-1].items() if k not in ("seq", "time", "payloads")}
             fill = time.perf_counter()
             while _size(gate) < size:
@@ -184,23 +191,24 @@ def pipeline_child(name: str, repeats: int, sizes: list[int], variant: str = "")
             fills[size] = time.perf_counter() - fill
         # the ledger sizes take turns, reply by reply, each beside a SHA-256 pass of its own:
         # the neighbours' load falls on all of them alike
-        rows: dict[int, dict[str, list[float]]] = {size: {"wall": [], "cpu": [], "sha": [], "sha_cpu": [],
-                                                          "before": []} for size in sizes}  # fmt: skip
+        modes = {"back to back": False, "app between": True}
+        rows = {(size, mode): {"wall": [], "cpu": [], "sha": [], "sha_cpu": [], "before": []}
+                for size in sizes for mode in modes}  # fmt: skip
         for _ in range(repeats):
-            for size, gate in gates.items():
-                row = rows[size]
+            for (size, mode), row in rows.items():
+                gate = gates[size]
                 row["before"].append(_size(gate))
                 waits.clear()
-                wall, cpu = time.perf_counter(), time.process_time()
-                once(gate)
-                row["wall"].append(time.perf_counter() - wall)
-                row["cpu"].append(time.process_time() - cpu)
+                _, wall, cpu = once(gate, modes[mode])
+                row["wall"].append(wall)
+                row["cpu"].append(cpu)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 hashlib.sha256(raw_reply).digest()
                 row["sha"].append(time.perf_counter() - start)
                 row["sha_cpu"].append(time.process_time() - start_cpu)
-        for size, row in rows.items():
-            results["sizes"][str(size)] = {
+        for (size, mode), row in rows.items():
+            results["sizes"][f"{size} {mode}"] = {
+                "mode": mode,
                 "entries_before": int(row["before"][0]),
                 "wall": statistics.median(row["wall"]),
                 "cpu": statistics.median(row["cpu"]),
@@ -216,27 +224,6 @@ def pipeline_child(name: str, repeats: int, sizes: list[int], variant: str = "")
     print(json.dumps(results))
 
 
-def _digest_at_admit(pipeline_module: Any) -> None:
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1)
-    pending: dict[int, Future[Any]] = {}
-    admit = pipeline_module.GatePipeline.admit
-
-    def admit_and_hash(self: Any, raw: bytes, arrived: float | None = None) -> Any:
-        pending[id(raw)] = pool.submit(hashlib.sha256, raw)
-        return admit(self, raw, arrived)
-
-    class Hashlib:
-        @staticmethod
-        def sha256(data: bytes) -> Any:
-            future = pending.pop(id(data), None)
-            return future.result() if future is not None else hashlib.sha256(data)
-
-    pipeline_module.GatePipeline.admit = admit_and_hash
-    pipeline_module.hashlib = Hashlib
-
-
 def _size(gate: Any) -> int:
     """The ledger's size from its latest signed head (O(1), unlike reading every entry)."""
     try:
@@ -246,33 +233,29 @@ def _size(gate: Any) -> int:
 
 
 def pipeline(models: list[str], repeats: int, sizes: list[int], before_src: Path | None) -> None:
-    trees: list[tuple[str, Path, dict[str, str], str]] = [
-        ("after", ROOT / "src", {}, ""),
-        ("after, malloc THP", ROOT / "src", {"GLIBC_TUNABLES": HUGE_PAGES}, ""),
-        ("+ digest at admit*", ROOT / "src", {"GLIBC_TUNABLES": HUGE_PAGES}, "digest-at-admit"),
-    ]
+    trees: list[tuple[str, Path]] = [("after", ROOT / "src")]
     if before_src is not None:
-        trees.insert(0, ("before", before_src, {}, ""))
+        trees.insert(0, ("before", before_src))
     print(f"\n1. end to end: admit + conclude + the shipped bytes, medians of {repeats}, {load_line()}")
-    print(f"  {'tree':20s} {'model':9s} {'earlier':>8s} {'wall ms':>9s} {'x sha':>6s} {'cpu ms':>8s} "
+    print(f"  {'tree':8s} {'model':9s} {'earlier':>8s} {'':13s} {'wall ms':>9s} {'x sha':>6s} {'cpu ms':>8s} "
           f"{'x sha':>6s} {'sha ms':>7s}")  # fmt: skip
-    for label, src, extra, variant in trees:
+    for label, src in trees:
         for name in models:
-            env = {**os.environ, "PYTHONPATH": str(src), **extra}
+            env = {**os.environ, "PYTHONPATH": str(src)}
             command = [sys.executable, __file__, "--pipeline-child", name, "--repeats", str(repeats),
-                       "--ledger-sizes", ",".join(map(str, sizes)), "--variant", variant]  # fmt: skip
+                       "--ledger-sizes", ",".join(map(str, sizes))]  # fmt: skip
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                print(f"  {label:20s} {name:9s} could not run: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                print(f"  {label:8s} {name:9s} could not run: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
                 continue
             got = json.loads(done.stdout.strip().splitlines()[-1])
             for row in got["sizes"].values():
                 print(
-                    f"  {label:20s} {name:9s} {row['entries_before']:>8d} {row['wall'] * 1e3:9.1f} "
+                    f"  {label:8s} {name:9s} {row['entries_before']:>8d} {row['mode']:13s} {row['wall'] * 1e3:9.1f} "
                     f"{row['ratio']:6.2f} {row['cpu'] * 1e3:8.1f} {row['cpu_ratio']:6.2f} "
                     f"{row['sha'] * 1e3:7.1f}   (fill {row['fill_s']:.0f} s)"
                 )
-            print(f"  {'':20s} {name:9s} reply {got['reply_mb']:.1f} MB, shipped {got['shipped_mb']:.1f} MB, "
+            print(f"  {'':8s} {name:9s} reply {got['reply_mb']:.1f} MB, shipped {got['shipped_mb']:.1f} MB, "
                   f"kernels ready in {got['compile_s']:.2f} s, {got['load']}")  # fmt: skip
 
 
@@ -349,8 +332,18 @@ def stage_rows(name: str, repeats: int, threads: int, folder: Path) -> tuple[lis
     rows.append(("noise", t_full[0] - t_clip[0], t_full[1] - t_clip[1]))
     rows.append(("stage = noised_update", *t_full))
     rows.append(("encode: Flower serde", *timed(encode_before, max(1, repeats // 2))))
-    rows.append(("encode: npy_array + codec", *timed(encode_after, repeats)))
+    rows.append(("encode: npy_array + codec", *timed(encode_after, repeats)))  # the slow path
     rows.append(("  of which encode_message", *timed(lambda: codec.encode_message(outgoing), repeats)))
+    specs = [(n, v.dtype, tuple(v.shape)) for n, v in instruction.model.items()]
+    rows.append(("fast path: lay out", *timed(lambda: codec.LaidOutReply("arrays", specs, 4096), repeats)))
+
+    def noise_into_wire() -> None:
+        laid = codec.LaidOutReply("arrays", specs, 4096)
+        into = dict(zip(instruction.model, laid.arrays, strict=True))
+        stage.noised_update(g, r, CLIP, SIGMA, NoiseSource.from_os_entropy(), threads=threads,
+                            out=[into[k] for k in floats])  # fmt: skip
+
+    rows.append(("fast path: + noised_update", *timed(noise_into_wire, repeats)))
     with Ledger(folder / f"ledger-{name}") as ledger:
         ledger.append({"kind": "warm-up"})
         distinct = iter([i.to_bytes(8, "little") + bytes(payload[8:]) for i in range(repeats)])
@@ -435,11 +428,10 @@ def main() -> None:
     parser.add_argument("--skip-stages", action="store_true", help="only the end-to-end and noise sections")
     parser.add_argument("--pipeline-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--throughput-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.ledger_sizes.split(",") if s]
     if args.pipeline_child:
-        pipeline_child(args.pipeline_child, args.repeats, sizes, args.variant)
+        pipeline_child(args.pipeline_child, args.repeats, sizes)
         return
     if args.throughput_child:
         throughput_child(args.repeats, args.threads)

@@ -64,7 +64,7 @@ def flower_message_to_bytes(message: Message) -> bytes:
     return bytes(message_to_proto(message).SerializeToString())
 
 
-def message_from_bytes(data: bytes) -> Message:
+def message_from_bytes(data: bytes | memoryview) -> Message:
     """Strict: bytes that do not parse as a Flower Message raise ValueError."""
     proto = ProtoMessage()
     try:

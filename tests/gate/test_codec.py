@@ -29,6 +29,7 @@ from fedgate.flower_adapter import (
     flower_message_to_bytes,
     flower_recorddict_to_bytes,
     message_head,
+    message_to_bytes,
     recorddict_to_bytes,
 )
 from fedgate.gate import codec, decode
@@ -459,7 +460,65 @@ def test_the_gate_ships_exactly_the_bytes_its_ledger_recorded(tmp_path: Path) ->
     recorded = gate.ledger.entries()[out.seq]["payloads"]["sent"]
     stored = gate.ledger.blobs.get(recorded["sha256"])
     content = recorddict_to_bytes(out.message.content)
-    assert stored == content and recorded["size"] == len(content) and content in out.wire
+    assert stored == content and recorded["size"] == len(content) and content in bytes(out.wire)
     head = parse_message(out.wire)
     assert head.metadata.reply_to_message_id == out.message.metadata.reply_to_message_id
     gate.close()
+
+
+def test_the_fast_path_writes_every_byte_it_ships(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15's fast path: the noise writes the model straight into the buffer that leaves,
+    which is not zeroed (the gate process's old memory). Filled with 0xFF first (a NaN in
+    every float, -1 in every integer), no byte of it may reach the wire: the shipped bytes are
+    Flower's serialisation of the message they carry, every float is finite, the integer and
+    empty tensors are the server's, and the ledger holds the same content."""
+    filled: list[int] = []
+
+    def marked(size: int) -> np.ndarray:
+        filled.append(size)
+        return np.full(size, 0xFF, dtype=np.uint8)
+
+    monkeypatch.setattr(codec, "_allocate", marked)
+    tensors = {**tiny_model(5), "half": np.ones((3, 5), np.float16), "double": np.arange(7.0),
+               "empty": np.zeros((0, 4), np.float32), "count": np.array([7, 9], np.int32)}  # fmt: skip
+    trained = {k: (v + 0.5).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+    gate = gate_for(tmp_path)
+    out = through_gate(gate, instruction(tensors=tensors), lambda msg: _reply(msg, trained, {"num-examples": 3}))
+    assert out.decision.sent and isinstance(out.wire, memoryview) and filled  # the fast path was taken
+    assert out.message is not None
+    assert bytes(out.wire) == flower_message_to_bytes(out.message)
+    sent = out.message.content["arrays"]
+    assert list(sent) == list(tensors)
+    for name, value in tensors.items():
+        got = sent[name].numpy()
+        assert got.dtype == value.dtype and got.shape == value.shape
+        if value.dtype.kind == "f":
+            assert np.isfinite(got).all(), name
+        else:
+            assert np.array_equal(got, value), name
+    recorded = gate.ledger.entries()[out.seq]["payloads"]["sent"]
+    assert gate.ledger.blobs.get(recorded["sha256"]) == recorddict_to_bytes(out.message.content)
+    gate.close()
+
+
+def test_laid_out_bytes_are_encode_messages(tmp_path: Path) -> None:
+    """The buffer the noise writes into holds, around the arrays, exactly the bytes
+    `encode_message` writes for the same message (itself Flower's, tests above); it is
+    finished once: a second use takes the slow path."""
+    from fedgate.gate.outgoing import CheckedContent, wire_of
+
+    ins = instruction(tensors={**tiny_model(2), "half": np.ones(3, np.float16), "empty": np.zeros(0, np.float64)})
+    decoded = decode_instruction(message_to_bytes(ins), ("train", "evaluate", "query"))
+    laid = codec.LaidOutReply("arrays", [(n, v.dtype, v.shape) for n, v in decoded.model.items()], 4096)
+    for target, value in zip(laid.arrays, decoded.model.values(), strict=True):
+        target[...] = value
+    model = OrderedDict(zip(decoded.model, laid.arrays, strict=True))
+    checked = CheckedContent("arrays", model, {"num-examples": 3, "train-loss": 0.5}, laid)
+    metadata = Message(RecordDict(), reply_to=ins).metadata
+    made = wire_of(checked, Message(metadata=metadata, content=RecordDict()))
+    assert made is not None
+    wire, span = made
+    expected, expected_span = encode_message(Message(metadata=metadata, content=checked.record_dict()))
+    assert bytes(wire) == expected and span == expected_span
+    assert wire.readonly and all(not a.flags.writeable for a in laid.arrays)
+    assert wire_of(checked, Message(metadata=metadata, content=RecordDict())) is None

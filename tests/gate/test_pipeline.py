@@ -16,7 +16,7 @@ from flwr.app import Message, MetricRecord
 from conftest import RUN_ID, gate_for, instruction, through_gate
 from fedgate.errors import LedgerError
 from fedgate.flower_adapter import metadata_fields, recorddict_to_bytes
-from fedgate.gate.pipeline import GENERIC_REFUSAL
+from fedgate.gate.pipeline import GENERIC_REFUSAL, KIND_REFUSED
 from fedgate.gate.release import after_review, schedule
 from fedgate.ledger.verify import verify_ledger
 from fedgate.policy.model import ReleasePolicy
@@ -300,3 +300,20 @@ def test_an_exception_at_admission_is_a_recorded_refusal(
     assert out.message is not None and out.message.error.reason == GENERIC_REFUSAL
     entry = gate.ledger.entries()[out.seq]
     assert entry["kind"] == "reply-refused" and "unforeseen" in entry["decision"]["reason"]
+
+
+def test_noise_that_could_not_be_drawn_is_a_recorded_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The noise is drawn from admission on, on a thread (issue 15): if that fails, the reply
+    is refused on record with the generic error, never sent without its noise."""
+    from fedgate.gate.noise import NoiseSource
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("no entropy")
+
+    monkeypatch.setattr(NoiseSource, "integer_gaussian", broken)
+    gate = gate_for(tmp_path)
+    out = through_gate(gate, instruction(), honest)
+    assert not out.decision.sent and out.decision.rule == "gate-error" and "no entropy" in out.decision.reason
+    assert out.wire is None and out.message is not None and out.message.error.reason == GENERIC_REFUSAL
+    assert gate.ledger.entries()[out.seq]["kind"] == KIND_REFUSED
+    gate.close()

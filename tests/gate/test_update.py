@@ -283,3 +283,58 @@ def test_num_examples_buckets(value: int, step: int, buckets: int) -> None:
     assert q % step == 0 and step <= q <= rule.max
     assert q // step - 1 < rule.levels
     assert NumExamplesRule("constant", step, step).quantise(value) == 1
+
+
+# -- noise drawn before the reply (issue 15) ---------------------------------------------------
+
+
+def _model(seed: int, sizes: tuple[int, ...] = (3 * BLOCK // 2, 17, BLOCK + 5)) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(np.float32) for n in sizes]
+
+
+def test_predrawn_noise_is_the_noise_the_stage_draws_itself() -> None:
+    """Same key, same blocks of the same stream: drawing at admission changes nothing in what
+    is released (so every law of the noise tested above holds for it)."""
+    from fedgate.gate.update import PredrawnNoise
+
+    base, reply = _model(1), _model(2)
+    coordinates = sum(a.size for a in base)
+    inline = noised_update(base, reply, 1.0, 0.05, NoiseSource._for_tests(KEY))
+    early = PredrawnNoise(coordinates, 1.0, 0.05, NoiseSource._for_tests(KEY), threads=2)
+    predrawn = noised_update(base, reply, 1.0, 0.05, early)
+    for a, b in zip(inline.arrays, predrawn.arrays, strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert predrawn.evidence == inline.evidence
+
+
+def test_predrawn_noise_serves_one_reply_and_retires_its_source() -> None:
+    from fedgate.gate.update import PredrawnNoise
+
+    base, reply = _model(3), _model(4)
+    coordinates = sum(a.size for a in base)
+    source = NoiseSource.from_os_entropy()
+    early = PredrawnNoise(coordinates, 1.0, 0.05, source)
+    with pytest.raises(ValueError, match="another model or policy"):
+        noised_update(base, reply, 1.0, 0.1, early)  # not the sigma it was drawn for: refused, and spent
+    with pytest.raises(NoiseSourceSpent):
+        noised_update(base, reply, 1.0, 0.05, early)
+    with pytest.raises(NoiseSourceSpent):
+        source.claim()  # claimed at the start of the drawing: never a second reply's noise
+    again = PredrawnNoise(coordinates, 1.0, 0.05, NoiseSource.from_os_entropy())
+    first = noised_update(base, reply, 1.0, 0.05, again)
+    other = noised_update(base, reply, 1.0, 0.05, PredrawnNoise(coordinates, 1.0, 0.05, NoiseSource.from_os_entropy()))
+    assert not np.array_equal(first.arrays[0], other.arrays[0])  # two replies, two noises
+
+
+def test_a_failed_predraw_fails_the_reply_not_silently_unnoised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedgate.gate.update import PredrawnNoise
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("no entropy")
+
+    monkeypatch.setattr(NoiseSource, "integer_gaussian", broken)
+    base, reply = _model(5), _model(6)
+    early = PredrawnNoise(sum(a.size for a in base), 1.0, 0.05, NoiseSource.from_os_entropy())
+    with pytest.raises(OSError, match="no entropy"):
+        noised_update(base, reply, 1.0, 0.05, early)

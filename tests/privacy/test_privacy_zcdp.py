@@ -55,3 +55,28 @@ def test_edges() -> None:
             rho_from_bits(bad)
     with pytest.raises(PrivacyError, match="conversion"):
         epsilon_from_rho(1.0, 1e-5, conversion="renyi")  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sigma=st.floats(1e-4, 1e3), log10_delta=st.floats(-12.0, -1.0))
+def test_our_analytic_gaussian_is_dp_accountings(sigma: float, log10_delta: float) -> None:
+    """The gate's fast path computes dp-accounting's ε, not an approximation of it."""
+    from dp_accounting import get_epsilon_gaussian
+
+    from fedgate.privacy.zcdp import analytic_gaussian_epsilon
+
+    delta = 10.0**log10_delta
+    assert analytic_gaussian_epsilon(sigma, delta) == pytest.approx(
+        get_epsilon_gaussian(sigma, delta), rel=1e-9, abs=1e-12
+    )
+
+
+def test_analytic_gaussian_edges_match_dp_accounting() -> None:
+    from dp_accounting import get_epsilon_gaussian
+
+    from fedgate.privacy.zcdp import analytic_gaussian_epsilon
+
+    for sigma, delta in [(0.0, 1e-5), (math.inf, 1e-5), (1.0, 0.0), (1.0, 1.0), (50.0, 0.5), (0.001, 1e-5)]:
+        assert analytic_gaussian_epsilon(sigma, delta) == get_epsilon_gaussian(sigma, delta)
+    with pytest.raises(PrivacyError):
+        analytic_gaussian_epsilon(-1.0, 1e-5)

@@ -49,6 +49,7 @@ from fedgate.sandbox.spec import SANDBOX_UID, Limits, SandboxError, SandboxSpec,
 
 log = logging.getLogger("fedgate.hospital")
 T = TypeVar("T")
+Outgoing = bytes | memoryview  # a reply's bytes as they leave: on the gate's fast path, a view of its own buffer
 AppSource = Callable[[], tuple[AppRef, dict[str, Any]]]
 
 
@@ -61,7 +62,7 @@ class InstructionHandler(Protocol):
 
     def run(
         self, hospital: Hospital, instruction: bytes, context: bytes, arrived: float, app_source: AppSource | None
-    ) -> tuple[bytes, bytes | None]: ...
+    ) -> tuple[Outgoing, bytes | None]: ...
 
 
 PRELOAD = ("numpy", "torch")  # trusted libraries worth importing once per sandbox, before any fork
@@ -175,7 +176,7 @@ class Hospital:
         context: bytes,
         arrived: float | None = None,
         app_source: AppSource | None = None,
-    ) -> tuple[bytes, bytes | None]:
+    ) -> tuple[Outgoing, bytes | None]:
         """Sandboxed: gate admission, then (only if admitted) the app from `app_source` (the
         node's FAB intake; default: the configured app) in the sandbox, then the gate's
         conclusion. Returns the outgoing message and the ClientApp's new context state."""
@@ -204,13 +205,13 @@ class Hospital:
 
         return self.call(check)
 
-    def gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> bytes:
+    def gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> Outgoing:
         """--no-isolation: the ClientApp ran in the executor's own process; only gate its reply."""
         return self.call(lambda: self._gate_reply(instruction, reply, error, arrived))
 
     def _run_task(
         self, instruction: bytes, context: bytes, arrived: float, app_source: AppSource | None
-    ) -> tuple[bytes, bytes | None]:
+    ) -> tuple[Outgoing, bytes | None]:
         if self._stopping.is_set():
             raise SandboxError(f"{self.config.name} is stopping; the task was not started")
         admission: Admission | None = None
@@ -226,7 +227,7 @@ class Hospital:
         except Exception as err:  # fail closed: a recorded refusal on a slot, never the error itself
             return self._failed(instruction, arrived, admission, err), None
 
-    def _gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> bytes:
+    def _gate_reply(self, instruction: bytes, reply: bytes | None, error: str, arrived: float) -> Outgoing:
         admission: Admission | None = None
         try:
             admission = self.gate.admit(instruction, arrived)
@@ -237,7 +238,7 @@ class Hospital:
         except Exception as err:
             return self._failed(instruction, arrived, admission, err)
 
-    def _failed(self, instruction: bytes, arrived: float, admission: Admission | None, err: Exception) -> bytes:
+    def _failed(self, instruction: bytes, arrived: float, admission: Admission | None, err: Exception) -> Outgoing:
         """Anything that failed on a reply's path: recorded as a refusal (rule gate-error) and
         released on a slot like any other reply. If even that fails (the ledger is broken), the
         generic refusal leaves at a fixed time, the last slot, and nothing else does."""
@@ -253,12 +254,13 @@ class Hospital:
             log.exception("%s: the refusal could not be recorded either", self.config.name)
             return unrecorded_refusal(instruction, arrived, self.config.policy)
 
-    def _send(self, outcome: Outcome, instruction: bytes) -> bytes:
-        if outcome.message is None:  # the instruction's own bytes were unreadable
+    def _send(self, outcome: Outcome, instruction: bytes) -> Outgoing:
+        if outcome.unsendable:  # the instruction's own bytes were unreadable
             raise SandboxError("the instruction could not be read as a Flower message; nothing was sent")
         if outcome.wire is not None:  # the very bytes whose payload the ledger recorded, encoded once
             return outcome.wire
-        return message_to_bytes(outcome.message)
+        assert outcome.built is not None
+        return message_to_bytes(outcome.built)
 
     # -- the sandbox -------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from fedgate.canonical import decimal_str
 from fedgate.data.hospital import EXPECTED_KEY, NODE_CONFIG_KEY, HospitalData
 from fedgate.errors import GateRefusal
 from fedgate.executor.audit_data import share_of
-from fedgate.executor.hospital import AppSource, Hospital
+from fedgate.executor.hospital import AppSource, Hospital, Outgoing
 from fedgate.flower_adapter import context_from_bytes, context_to_bytes
 from fedgate.gate.codec import parse_message
 from fedgate.gate.decode import decode_record
@@ -115,7 +115,7 @@ class TrustedTraining:
 
     def run(
         self, hospital: Hospital, instruction: bytes, context: bytes, arrived: float, app_source: AppSource | None
-    ) -> tuple[bytes, bytes | None]:
+    ) -> tuple[Outgoing, bytes | None]:
         del app_source  # the research team's app (the node's FAB intake) is never asked for
         gate = hospital.gate
         if gate.state().halted:  # refused anyway: no data is read, no network built

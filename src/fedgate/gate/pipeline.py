@@ -17,30 +17,34 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 
 from fedgate.canonical import decimal_str
 from fedgate.errors import GateRefusal, LedgerError
-from fedgate.flower_adapter import make_reply, message_head, refusal
+from fedgate.flower_adapter import make_reply, message_from_bytes, message_head, refusal
 from fedgate.gate import accounting, rules
 from fedgate.gate.accounting import PrivacyPlan
 from fedgate.gate.audit import AUDIT_DIR, ImageSource, audit_stage
-from fedgate.gate.codec import encode_message, npy_array
+from fedgate.gate.codec import encode_message
 from fedgate.gate.decode import Instruction, decode_instruction, decode_reply, literal_round
 from fedgate.gate.entries import KIND_POLICY, KIND_REFUSED, KIND_REVIEW, KIND_REVIEW_HELD, KIND_SENT
 from fedgate.gate.evidence import Bound, GateDecision, StageEvidence
 from fedgate.gate.noise import NoiseSource
+from fedgate.gate.outgoing import CheckedContent, lay_out, message_headroom, wire_of
 from fedgate.gate.release import Release, after_review, schedule, wait_until
 from fedgate.gate.review import hold_for_review
 from fedgate.gate.state import GateState
+from fedgate.gate.update import PredrawnNoise
 from fedgate.ledger.store import Ledger
 from fedgate.policy import Policy
 from fedgate.privacy import DpSgdEvent
@@ -76,23 +80,72 @@ class Admission:
     gate_round: int = 0
     stages: tuple[StageEvidence, ...] = ()
     privacy: PrivacyPlan | None = None  # what sending costs in ε (None: no update is released)
+    digest: InstructionDigest | None = None  # set in __post_init__: the SHA-256 of `raw`, recorded
+    noise: PredrawnNoise | None = None  # the reply's noise, drawn while the ClientApp runs
+
+    def __post_init__(self) -> None:
+        if self.digest is None:
+            object.__setattr__(self, "digest", InstructionDigest(self.raw))
 
     @property
     def run_id(self) -> int:
         return self.message.metadata.run_id if self.message is not None else 0
 
+    @property
+    def sha256(self) -> str:
+        """The instruction's SHA-256 (hex), as its ledger entry records it."""
+        assert self.digest is not None
+        return self.digest.hexdigest()
+
+
+class InstructionDigest:
+    """SHA-256 of the instruction's bytes, started when it is admitted. A 45 MB model takes
+    ~30 ms to hash; on a thread (hashlib releases the GIL) it is done while the ClientApp runs,
+    instead of on the reply's path (`benchmarks/gate_cost.py`)."""
+
+    THREAD_FROM = 1 << 20  # below this, hashing costs less than starting a thread
+
+    def __init__(self, raw: bytes) -> None:
+        self._hash = hashlib.sha256()
+        self._thread: threading.Thread | None = None
+        if len(raw) >= self.THREAD_FROM:
+            self._thread = threading.Thread(target=self._hash.update, args=(raw,), name="fedgate-digest", daemon=True)
+            self._thread.start()
+        else:
+            self._hash.update(raw)
+
+    def hexdigest(self) -> str:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self._hash.hexdigest()
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """`message` is what to send; None only when the instruction's own bytes could not be
-    read as a Flower message (the executor then sends its generic refusal)."""
+    """`wire` is what leaves when the reply is sent (issue 15: its exact bytes, encoded once;
+    the ledger recorded a view of their content), else `built`, the refusal as a message."""
 
-    message: Message | None
     decision: GateDecision
     seq: int
     cumulative_bits: float
     release: Release
-    wire: bytes | None = None  # issue 15: `message`'s exact bytes, when sent; the ledger recorded their content
+    wire: memoryview | bytes | None = None
+    built: Message | None = None
+
+    @cached_property
+    def message(self) -> Message | None:
+        """What is sent, as a Flower Message (read back from `wire` on first use); None only
+        when the instruction's own bytes could not be read as one (the executor then sends
+        its generic refusal)."""
+        if self.built is None and self.wire is not None:
+            return message_from_bytes(self.wire)
+        return self.built
+
+    @property
+    def unsendable(self) -> bool:
+        """True when there is nothing to send (the instruction was unreadable)."""
+        return self.wire is None and self.built is None
 
 
 class GatePipeline:
@@ -169,12 +222,22 @@ class GatePipeline:
             stages.append(rules.check_budget(state, self.policy, message.metadata.run_id, bound.total))
             history = accounting.PrivacyHistory.from_json(state.privacy_history)
             privacy = accounting.plan(self.policy, history, instruction.manifest, dp_sgd, honest_in_sum)
+            noise = self._predraw(instruction)
         except GateRefusal as err:
             return Admission(raw, message, arrived, state, instruction, err, bound, gate_round, tuple(stages))
         except Exception as err:  # fail closed, as above
             refused = GateRefusal("gate-error", f"{type(err).__name__}: {err}"[:500])
             return Admission(raw, message, arrived, state, instruction, refused, bound, gate_round, tuple(stages))
-        return Admission(raw, message, arrived, state, instruction, None, bound, gate_round, tuple(stages), privacy)
+        return Admission(raw, message, arrived, state, instruction, None, bound, gate_round, tuple(stages), privacy,
+                         noise=noise)  # fmt: skip
+
+    def _predraw(self, instruction: Instruction) -> PredrawnNoise | None:
+        """Start drawing the noise of the reply to `instruction` (only a reply to an
+        instruction with a model is noised: `_decide`)."""
+        if instruction.manifest is None:
+            return None
+        floats = sum(int(v.size) for v in instruction.model.values() if v.dtype.kind == "f")
+        return PredrawnNoise(floats, self.policy.clip_norm, self.policy.sigma, NoiseSource.from_os_entropy())
 
     def _bound(self, instruction: Instruction, honest_in_sum: int = 1) -> Bound:
         """The bound a sent reply to this instruction has: fixed by the policy and the model's
@@ -199,7 +262,8 @@ class GatePipeline:
         masked vector) after every rule and the review, before the ledger records it;
         `review_note` says so, in words, on the review page (the reviewer sees the content
         before `finalize`)."""
-        decision, content = self._decide(admission, outcome)
+        decision, checked = self._decide(admission, outcome)
+        content: CheckedContent | RecordDict | None = checked
         release = schedule(self.policy.release, admission.arrived, time.time())
         if decision.sent and release.late:
             decision = _refused(decision, GateRefusal("release-late", "the reply was not ready by the last slot"))
@@ -210,18 +274,18 @@ class GatePipeline:
             and self.policy.review_required(admission.gate_round, decision.warnings)
         ):
             wait_until(release.at)  # the item appears at a slot boundary, not when the app finished
-            decision, content = hold_for_review(self, admission, decision, content, review_note)
+            decision, content = hold_for_review(self, admission, decision, _record_dict(content), review_note)
             release = after_review(self.policy.release, release, time.time())
         if finalize is not None and content is not None and decision.sent:
             try:
-                content, decision = finalize(content, decision)
+                content, decision = finalize(_record_dict(content), decision)
             except GateRefusal as err:  # fail closed, recorded under the rule that refused
                 decision, content = _refused(decision, err), None
             except Exception as err:  # fail closed, recorded
                 decision, content = _refused(decision, GateRefusal("finalize", f"{type(err).__name__}: {err}")), None
         return self._record_and_release(admission, outcome, decision, content, release)
 
-    def _decide(self, admission: Admission, outcome: AppOutcome | None) -> tuple[GateDecision, RecordDict | None]:
+    def _decide(self, admission: Admission, outcome: AppOutcome | None) -> tuple[GateDecision, CheckedContent | None]:
         instruction = admission.instruction
         category = instruction.category if instruction else ""
         stages = list(admission.stages)
@@ -236,9 +300,15 @@ class GatePipeline:
             reply = decode_reply(outcome.reply, instruction)
             warnings: list[str] = []
             model: OrderedDict[str, np.ndarray] | None = None
+            laid = None
             if instruction.manifest is not None:
                 stages += [rules.check_manifest(instruction, reply), rules.check_values(instruction, reply)]
-                model, update = rules.noise_update(instruction, reply, self.policy, NoiseSource.from_os_entropy())
+                assert admission.message is not None  # the instruction was read
+                laid = lay_out(instruction, message_headroom(make_reply(admission.message, admission.arrived,
+                                                                        RecordDict(), None)))  # fmt: skip
+                into = OrderedDict(zip(instruction.model, laid.arrays, strict=True)) if laid is not None else None
+                source = admission.noise if admission.noise is not None else NoiseSource.from_os_entropy()
+                model, update = rules.noise_update(instruction, reply, self.policy, source, into)
                 stages.append(StageEvidence("update", True, update.evidence.to_json()))
                 if update.evidence.clipped:
                     warnings.append("update-clipped")
@@ -251,12 +321,7 @@ class GatePipeline:
                     audit_stage(self.policy, instruction.manifest, instruction.model, model, update.evidence,
                                 self.images, self.hospital_dir / AUDIT_DIR, _audit_name(admission))
                 )  # fmt: skip
-            content = RecordDict()
-            if model is not None:
-                content[instruction.model_key] = ArrayRecord(
-                    OrderedDict((n, npy_array(np.ascontiguousarray(v))) for n, v in model.items())  # issue 15
-                )
-            content["metrics"] = MetricRecord(dict(metrics.values))
+            content = CheckedContent(instruction.model_key, model, dict(metrics.values), laid)
             decision = GateDecision(True, category, tuple(stages), admission.bound, manifest, warnings=tuple(warnings))
             return decision, content
         except GateRefusal as err:
@@ -271,18 +336,24 @@ class GatePipeline:
         admission: Admission,
         outcome: AppOutcome | None,
         decision: GateDecision,
-        content: RecordDict | None,
+        content: CheckedContent | RecordDict | None,
         release: Release,
     ) -> Outcome:
         state = admission.state
         payloads: dict[str, bytes | memoryview] = {}
         sent: Message | None = None
-        wire: bytes | None = None
+        wire: memoryview | bytes | None = None
         if content is not None and decision.sent:
-            # issue 15: the reply is encoded once; the ledger records a view of its content's bytes
+            # issue 15: the reply is encoded once (on the fast path the noise wrote the model
+            # into these very bytes); the ledger records a view of its content's bytes
             assert admission.message is not None  # a sent decision had a readable instruction
-            sent = make_reply(admission.message, release.at, content, None)
-            wire, span = encode_message(sent)
+            laid = wire_of(content, make_reply(admission.message, release.at, RecordDict(), None)) if isinstance(
+                content, CheckedContent) else None  # fmt: skip
+            if laid is None:
+                sent = make_reply(admission.message, release.at, _record_dict(content), None)
+                wire, span = encode_message(sent)
+            else:
+                wire, span = laid
             payloads["sent"] = memoryview(wire)[span]
         elif outcome is not None and outcome.reply is not None:
             payloads["refused"] = outcome.reply  # kept at the hospital, so it can see what was stopped
@@ -317,12 +388,12 @@ class GatePipeline:
         # durable before anything moves on
         receipt = self.ledger.append(fields, payloads, state=new_state.to_json())
         wait_until(release.at)
-        message: Message | None = None
-        if admission.message is not None:
-            message = sent if sent is not None else refusal(admission.message, release.at, GENERIC_REFUSAL)
+        built: Message | None = sent
+        if wire is None and admission.message is not None:
+            built = refusal(admission.message, release.at, GENERIC_REFUSAL)
         if not decision.sent:
             log.warning("%s: refused a %s reply: %s", self.hospital, decision.message_type or "?", decision.reason)
-        return Outcome(message, decision, receipt.seq, new_state.cumulative_bits, release, wire)
+        return Outcome(decision, receipt.seq, new_state.cumulative_bits, release, wire, built)
 
     def _record_policy(self, run_id: int, state: GateState) -> None:
         """The full policy goes into the ledger once per run (and again if it changed)."""
@@ -334,6 +405,10 @@ class GatePipeline:
 
     def record_review(self, fields: dict[str, Any], payloads: dict[str, bytes] | None = None) -> int:
         return self.ledger.append({**fields, "hospital": self.hospital}, payloads).seq
+
+
+def _record_dict(content: CheckedContent | RecordDict) -> RecordDict:
+    return content.record_dict() if isinstance(content, CheckedContent) else content
 
 
 def _privacy_state(state: GateState, spent: accounting.PrivacyPlan) -> dict[str, Any]:
@@ -383,7 +458,7 @@ def _refused(decision: GateDecision, err: GateRefusal) -> GateDecision:
 
 def _audit_name(admission: Admission) -> str:
     """The kept audit pictures' file stem: the gate round and the instruction's hash."""
-    return f"round-{admission.gate_round}-{hashlib.sha256(admission.raw).hexdigest()[:16]}"
+    return f"round-{admission.gate_round}-{admission.sha256[:16]}"
 
 
 def _instruction_fields(admission: Admission) -> dict[str, Any]:
@@ -391,7 +466,7 @@ def _instruction_fields(admission: Admission) -> dict[str, Any]:
     instruction = admission.instruction
     server_round = instruction.server_round if instruction else ""
     return {
-        "sha256": hashlib.sha256(admission.raw).hexdigest(),
+        "sha256": admission.sha256,
         "message_id": message.metadata.message_id if message else "",
         "message_type": message.metadata.message_type[:200] if message else "",
         "group_id": message.metadata.group_id[:200] if message else "",

@@ -52,7 +52,7 @@ def hold_for_review(
     message = admission.message
     assert message is not None
     instruction_id = message.metadata.message_id
-    instruction_sha256 = hashlib.sha256(admission.raw).hexdigest()
+    instruction_sha256 = admission.sha256
     common = {
         "run_id": message.metadata.run_id,
         "instruction_id": instruction_id,

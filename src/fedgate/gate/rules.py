@@ -18,7 +18,7 @@ from fedgate.gate.evidence import StageEvidence
 from fedgate.gate.manifest import Manifest
 from fedgate.gate.noise import NoiseSource
 from fedgate.gate.state import GateState
-from fedgate.gate.update import NoisedUpdate, capacity_bits, effective_norm, grid_step, noised_update
+from fedgate.gate.update import NoisedUpdate, PredrawnNoise, capacity_bits, effective_norm, grid_step, noised_update
 from fedgate.policy import Policy
 
 NUM_EXAMPLES = "num-examples"
@@ -78,23 +78,38 @@ def update_bits_for(clip_norm: float, sigma: float, coordinates: int, honest_in_
 
 
 def noise_update(
-    instruction: Instruction, reply: Reply, policy: Policy, source: NoiseSource
+    instruction: Instruction,
+    reply: Reply,
+    policy: Policy,
+    source: NoiseSource | PredrawnNoise,
+    into: OrderedDict[str, np.ndarray] | None = None,
 ) -> tuple[OrderedDict[str, np.ndarray], NoisedUpdate]:
     """Clip (reply - global) to L2 norm C over every float tensor, add Gaussian noise from the
     OS-entropy source, and return the outgoing model: non-float tensors as the server sent
-    them, float tensors = global + noised update."""
+    them, float tensors = global + noised update. `into`: a writable array per tensor of the
+    model, in order, to hold the outgoing model (the wire's own buffer: `codec.LaidOutReply`)."""
     floats = [name for name, value in instruction.model.items() if value.dtype.kind == "f"]
+    if into is not None and list(into) != list(instruction.model):
+        raise ValueError("`into` must name the model's tensors in order")
     update = noised_update(
         [instruction.model[n] for n in floats],
         [reply.arrays[n] for n in floats],
         policy.clip_norm,
         policy.sigma,
         source,
+        out=[into[n] for n in floats] if into is not None else None,
     )
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     noised = dict(zip(floats, update.arrays, strict=True))
     for name, value in instruction.model.items():
-        out[name] = noised.get(name, value)
+        if name in noised:
+            out[name] = noised[name]
+        elif into is not None:
+            into[name][...] = value  # as the server sent it
+            into[name].flags.writeable = False
+            out[name] = into[name]
+        else:
+            out[name] = value
     return out, update
 
 

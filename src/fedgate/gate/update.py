@@ -35,7 +35,7 @@ import numpy as np
 
 from fedgate.canonical import decimal_str
 from fedgate.errors import GateRefusal
-from fedgate.gate.noise import BLOCK, SAMPLER, NoiseSource
+from fedgate.gate.noise import BLOCK, SAMPLER, NoiseSource, NoiseSourceSpent
 from fedgate.gate.noise import compile_kernels as compile_noise_kernel
 
 NORM_SLACK = 2.0**-30
@@ -130,6 +130,69 @@ class NoisedUpdate:
         return self.evidence.to_json()
 
 
+class PredrawnNoise:
+    """The integer noise K of one reply, drawn before the reply exists (issue 15).
+
+    K depends on the noise source, the number of float coordinates and the policy's C and
+    sigma, never on the reply, so the gate starts drawing it when it admits the instruction,
+    on threads, while the ClientApp runs (sandboxed: it cannot read the gate's memory). On a
+    hospital whose GPU trains, the CPU is idle then, and the reply's path keeps only the norm
+    and the release. The same blocks of the same stream as `noised_update` draws itself, so
+    the result is the same for the same source. Serves one reply (`take` once); the source is
+    retired when the drawing ends."""
+
+    def __init__(
+        self, coordinates: int, clip_norm: float, sigma: float, source: NoiseSource, threads: int | None = None
+    ) -> None:
+        if not (math.isfinite(clip_norm) and clip_norm > 0.0 and math.isfinite(sigma) and sigma >= 0.0):
+            raise ValueError(f"clip norm must be > 0 and sigma >= 0, got {clip_norm}, {sigma}")
+        self.coordinates, self.clip_norm, self.sigma = coordinates, clip_norm, sigma
+        self.grid = grid_step(sigma, clip_norm, coordinates)
+        self._draws: np.ndarray | None = np.empty(coordinates if self.grid else 0)
+        self._error: BaseException | None = None
+        self._taken = False
+        source.claim()  # here, not in the thread: a spent source fails the admission itself
+        self._thread = threading.Thread(
+            target=self._draw, args=(source, threads or _default_threads()), name="fedgate-noise-draw", daemon=True
+        )
+        self._thread.start()
+
+    def _draw(self, source: NoiseSource, workers: int) -> None:
+        try:
+            draws = self._draws
+            if self.grid and draws is not None:
+                scale = self.sigma / self.grid
+
+                def draw(task: _Task) -> None:
+                    start = task.block * BLOCK
+                    source.integer_gaussian(0, task.block, task.size, scale, draws[start : start + task.size])
+
+                _run(_tasks([self.coordinates]), workers, draw)
+        except BaseException as err:  # re-raised by `take`, on the reply's path
+            self._error = err
+        finally:
+            source.retire()
+
+    def wait(self) -> None:
+        """Until the drawing has ended (`take` waits by itself)."""
+        self._thread.join()
+
+    def take(self, coordinates: int, clip_norm: float, sigma: float) -> np.ndarray:
+        """The draws (float64, integer-valued; empty without a grid), once, for a reply with
+        these parameters; raises NoiseSourceSpent the second time, ValueError on a mismatch."""
+        if self._taken:
+            raise NoiseSourceSpent("this predrawn noise already served a reply")
+        self._taken = True
+        if (coordinates, clip_norm, sigma) != (self.coordinates, self.clip_norm, self.sigma):
+            raise ValueError("the predrawn noise was drawn for another model or policy")
+        self._thread.join()
+        draws, self._draws = self._draws, None
+        if self._error is not None:
+            raise self._error
+        assert draws is not None
+        return draws
+
+
 @dataclass(frozen=True)
 class _Segment:
     tensor: int
@@ -172,15 +235,21 @@ def noised_update(
     reply_arrays: Sequence[np.ndarray],
     clip_norm: float,
     sigma: float,
-    source: NoiseSource,
+    source: NoiseSource | PredrawnNoise,
     *,
     names: Sequence[str] = (),
     threads: int | None = None,
+    out: Sequence[np.ndarray] | None = None,
 ) -> NoisedUpdate:
     """global + g·(rint(clip(reply - global) / g) + K), cast to each tensor's dtype.
 
+    `out`: where to write the result (writable, C-contiguous, the globals' shapes and dtypes,
+    sharing no memory with the inputs), e.g. the outgoing message's own buffer; new arrays
+    when None. Either way the returned arrays are read-only.
+
     The inputs are float tensors (float16/32/64) of equal shapes and dtypes, pairwise; they
-    are only read. `source` serves this reply only: claimed here, retired on return. A reply
+    are only read. `source` serves this reply only: claimed here, retired on return (or its
+    noise was drawn already: `PredrawnNoise`, taken here). A reply
     or global tensor holding NaN or Inf is refused (`GateRefusal("non-finite")`, naming
     `names[i]` if given).
     The float coordinates, laid end to end, are worked in blocks of `BLOCK` over `threads`
@@ -193,9 +262,14 @@ def noised_update(
             raise ValueError(f"tensor {index}: global {base.dtype}{base.shape} and reply {reply.dtype}{reply.shape}")
     if not (math.isfinite(clip_norm) and clip_norm > 0.0 and math.isfinite(sigma) and sigma >= 0.0):
         raise ValueError(f"clip norm must be > 0 and sigma >= 0, got {clip_norm}, {sigma}")
+    if out is not None:
+        _check_out(out, global_arrays, reply_arrays)
+    if isinstance(source, PredrawnNoise):
+        draws = source.take(sum(a.size for a in global_arrays), clip_norm, sigma)
+        return _noised_update(global_arrays, reply_arrays, clip_norm, sigma, draws, names, threads, out)
     source.claim()
     try:
-        return _noised_update(global_arrays, reply_arrays, clip_norm, sigma, source, names, threads)
+        return _noised_update(global_arrays, reply_arrays, clip_norm, sigma, source, names, threads, out)
     finally:
         source.retire()
 
@@ -205,10 +279,12 @@ def _noised_update(
     reply_arrays: Sequence[np.ndarray],
     clip_norm: float,
     sigma: float,
-    source: NoiseSource,
+    source: NoiseSource | np.ndarray,
     names: Sequence[str],
     threads: int | None,
+    out: Sequence[np.ndarray] | None,
 ) -> NoisedUpdate:
+    """`source`: the source to draw from, block by block, or every draw already made."""
     bases = [np.ravel(a) for a in global_arrays]
     replies = [np.ravel(a) for a in reply_arrays]
     coordinates = sum(a.size for a in bases)
@@ -230,8 +306,8 @@ def _noised_update(
     norm = math.sqrt(total) / prescale
     scale = 1.0 if norm <= clip_norm else clip_norm / norm
 
-    outputs = [np.empty(a.shape, dtype=a.dtype) for a in global_arrays]
-    flat_out = [np.ravel(a) for a in outputs]  # views: the arrays are new and contiguous
+    outputs = list(out) if out is not None else [np.empty(a.shape, dtype=a.dtype) for a in global_arrays]
+    flat_out = [a.reshape(-1) for a in outputs]  # views: the arrays are C-contiguous (checked)
     factor = scale / prescale / grid if grid else scale / prescale
     _run(
         tasks,
@@ -253,6 +329,20 @@ def _noised_update(
         sampler=SAMPLER,
     )
     return NoisedUpdate(tuple(outputs), evidence)
+
+
+def _check_out(
+    out: Sequence[np.ndarray], global_arrays: Sequence[np.ndarray], reply_arrays: Sequence[np.ndarray]
+) -> None:
+    if len(out) != len(global_arrays):
+        raise ValueError("out must have one array per tensor")
+    for index, (target, base) in enumerate(zip(out, global_arrays, strict=True)):
+        if target.shape != base.shape or target.dtype != base.dtype:
+            raise ValueError(f"out {index}: {target.dtype}{target.shape}, the tensor is {base.dtype}{base.shape}")
+        if not (target.flags.writeable and target.flags.c_contiguous):
+            raise ValueError(f"out {index} must be writable and C-contiguous")
+        if any(np.may_share_memory(target, source) for source in (*global_arrays, *reply_arrays)):
+            raise ValueError(f"out {index} overlaps an input")  # the kernels read each input once
 
 
 def _segment_squares(reply: np.ndarray, base: np.ndarray, prescale: float) -> float:
@@ -284,14 +374,19 @@ def _block_release(
     factor: float,
     grid: float,
     noise_scale: float,
-    source: NoiseSource,
+    source: NoiseSource | np.ndarray,
 ) -> None:
     """For each coordinate of the block: global + g·(rint((reply - global)·factor) + K), or
-    global + (reply - global)·factor without a grid, in float64, cast to the tensor's dtype."""
+    global + (reply - global)·factor without a grid, in float64, cast to the tensor's dtype.
+    K is drawn here from `source`, or read from it when it holds every draw."""
     draws = _NO_NOISE
-    if grid:
+    if not grid:
+        pass
+    elif isinstance(source, NoiseSource):
         draws = _buffers().noise
         source.integer_gaussian(0, task.block, task.size, noise_scale, draws)
+    else:
+        draws = source[task.block * BLOCK : task.block * BLOCK + task.size]
     for segment in task.segments:
         base = bases[segment.tensor][segment.start : segment.stop]
         reply = replies[segment.tensor][segment.start : segment.stop]
@@ -449,6 +544,7 @@ def _run(tasks: list[_Task], workers: int, work: Callable[[_Task], Any]) -> list
 __all__ = [
     "NORM_SLACK",
     "NoisedUpdate",
+    "PredrawnNoise",
     "UpdateEvidence",
     "capacity_bits",
     "compile_kernels",

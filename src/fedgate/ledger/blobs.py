@@ -51,6 +51,10 @@ class BlobStore:
                 for start in range(CHUNK, len(view), CHUNK):
                     _write_all(handle.fileno(), view[start : start + CHUNK])
                 os.fsync(handle.fileno())
+                # durable now: its pages need not stay cached. Left cached, every blob takes pages
+                # the kernel has not handed out before, which cost ~4 ms per MB to fault in on
+                # this VM (`benchmarks/gate_cost.py`), and evicts pages the hospital reads (images)
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             if hasher is not None:
                 hasher.join()
             else:
