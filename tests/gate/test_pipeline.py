@@ -15,7 +15,7 @@ from flwr.app import Message, MetricRecord
 
 from conftest import RUN_ID, gate_for, instruction, through_gate
 from fedgate.errors import LedgerError
-from fedgate.flower_adapter import metadata_fields, recorddict_to_bytes
+from fedgate.flower_adapter import message_to_bytes, metadata_fields, recorddict_to_bytes
 from fedgate.gate.pipeline import GENERIC_REFUSAL, KIND_REFUSED
 from fedgate.gate.release import after_review, schedule
 from fedgate.ledger.verify import verify_ledger
@@ -316,4 +316,55 @@ def test_noise_that_could_not_be_drawn_is_a_recorded_refusal(tmp_path: Path, mon
     assert not out.decision.sent and out.decision.rule == "gate-error" and "no entropy" in out.decision.reason
     assert out.wire is None and out.message is not None and out.message.error.reason == GENERIC_REFUSAL
     assert gate.ledger.entries()[out.seq]["kind"] == KIND_REFUSED
+    gate.close()
+
+
+def test_a_model_record_named_like_the_metrics_is_refused_before_any_code_runs(tmp_path: Path) -> None:
+    """Red team (issue 15): a server naming its model record "metrics" made the reply carry
+    two records of that name (the shipped bytes, the ledger and Flower's reading of them
+    disagreed) or lose the model on the review path. It is refused at admission."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from fedgate.flower_adapter import make_instruction
+    from fedgate.gate.decode import METRICS_KEY
+    from model_fixtures import tiny_model
+
+    records = {"config": ConfigRecord({"server-round": 1}),
+               METRICS_KEY: ArrayRecord({n: Array(v) for n, v in tiny_model().items()})}  # fmt: skip
+    ins = make_instruction(RecordDict(records), "train", dst_node_id=1, run_id=RUN_ID)  # type: ignore[arg-type]
+    gate = gate_for(tmp_path)
+    admission = gate.admit(message_to_bytes(ins))
+    assert admission.refusal is not None and admission.refusal.rule == "instruction"
+    assert METRICS_KEY in str(admission.refusal) and admission.noise is None  # no noise drawn for it
+    out = gate.conclude(admission, None)
+    assert not out.decision.sent and out.wire is None
+    gate.close()
+
+
+def test_noise_drawings_never_pile_up_when_replies_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Red team (issue 15): each admission draws its reply's noise on threads; a hostile server
+    sending instructions whose replies are refused started one drawing (and one buffer of a
+    float64 per coordinate) per instruction. Now one at a time per gate, and a concluded
+    reply's draws are dropped, sent or refused."""
+    from fedgate.gate.noise import NoiseSource
+    from fedgate.gate.pipeline import AppOutcome
+    from fedgate.gate.update import PredrawnNoise
+
+    draw = NoiseSource.integer_gaussian
+
+    def slow(self: NoiseSource, *args: object) -> None:
+        time.sleep(0.02)  # a drawing that outlasts the next admission, as a 45 MB model's does
+        draw(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NoiseSource, "integer_gaussian", slow)
+    gate = gate_for(tmp_path, max_total_bits=0.0)
+    raw = message_to_bytes(instruction(tensors={"w": np.zeros(300_000, np.float32)}))
+    drawings: list[PredrawnNoise] = []
+    for _ in range(4):
+        admission = gate.admit(raw)
+        assert admission.refusal is None and admission.noise is not None
+        assert not any(d._thread.is_alive() for d in drawings)  # the previous drawing ended before this one
+        drawings.append(admission.noise)
+        gate.conclude(admission, AppOutcome(None, "the app raised", "client-error"))
+        assert admission.noise._draws is None  # refused: its noise is dropped
     gate.close()

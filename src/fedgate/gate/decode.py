@@ -159,6 +159,9 @@ def _parse(raw: bytes, rule: str, what: str) -> WireMessage:
         raise GateRefusal(rule, f"{what} cannot be read: {err}") from err
 
 
+METRICS_KEY = "metrics"  # the record of a reply that holds the gate's canonical metrics
+
+
 def decode_instruction(raw: bytes, allowed_types: tuple[str, ...]) -> Instruction:
     """A malicious server gets refusals, not crashes: anything unreadable, a message type the
     policy does not answer, several or renamed model records, a non-finite model."""
@@ -174,6 +177,8 @@ def decode_instruction(raw: bytes, allowed_types: tuple[str, ...]) -> Instructio
     if category == "train" and len(array_keys) != 1:
         raise GateRefusal("instruction", f"a train instruction must carry exactly one ArrayRecord, it has {array_keys}")
     model_key = array_keys[0] if category == "train" else ""
+    if model_key == METRICS_KEY:  # the reply's metrics take that name: two records of one name, or a lost model
+        raise GateRefusal("instruction", f"the model record may not be named {METRICS_KEY!r}, the reply's metrics are")
     model: OrderedDict[str, np.ndarray] = OrderedDict()
     manifest = None
     if model_key:
@@ -208,7 +213,7 @@ def decode_reply(raw: bytes, instruction: Instruction) -> Reply:
                 raise GateRefusal("extra-record", f"ArrayRecord {name!r} is not allowed in this reply", key=name)
             arrays = decode_record(record)
         else:
-            if name != "metrics":
+            if name != METRICS_KEY:
                 raise GateRefusal("extra-record", f"MetricRecord must be named 'metrics', got {name!r}", key=name)
             metrics, order = _plain_metrics(record)
     if instruction.model_key and instruction.model_key not in wire.records("array"):

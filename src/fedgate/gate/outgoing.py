@@ -14,9 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedgate.gate.codec import LaidOutReply, encode_message, npy_array
-from fedgate.gate.decode import Instruction
-
-METRICS_KEY = "metrics"
+from fedgate.gate.decode import METRICS_KEY, Instruction
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,10 @@ class CheckedContent:
     model: OrderedDict[str, np.ndarray] | None
     metrics: dict[str, float | int]
     laid: LaidOutReply | None = None
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.model_key == METRICS_KEY:  # decode_instruction refuses it first
+            raise ValueError(f"the model record cannot be named {METRICS_KEY!r}")
 
     def record_dict(self) -> RecordDict:
         """The content as a Flower RecordDict (copies the model once)."""

@@ -115,16 +115,18 @@ class InstructionDigest:
             self._hash.update(raw)
 
     def hexdigest(self) -> str:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread = self._thread
+        if thread is not None:
+            thread.join()  # joining twice (two callers at once) is harmless
         return self._hash.hexdigest()
 
 
 @dataclass(frozen=True)
 class Outcome:
     """`wire` is what leaves when the reply is sent (issue 15: its exact bytes, encoded once;
-    the ledger recorded a view of their content), else `built`, the refusal as a message."""
+    the ledger recorded a view of their content), else `built`, the refusal as a message.
+    `wire` is a read-only view; the buffer behind it (`wire.obj`) is the gate's, and only
+    trusted executor code holds it, to send it unchanged."""
 
     decision: GateDecision
     seq: int
@@ -163,6 +165,7 @@ class GatePipeline:
         self.images = images
         self._ledger: Ledger | None = None
         self._lock: IO[bytes] | None = None
+        self._drawing: PredrawnNoise | None = None  # the latest reply's noise: one drawing at a time
 
     @property
     def ledger(self) -> Ledger:
@@ -236,8 +239,11 @@ class GatePipeline:
         instruction with a model is noised: `_decide`)."""
         if instruction.manifest is None:
             return None
+        if self._drawing is not None:  # a server sending faster than the noise is drawn waits for it:
+            self._drawing.wait()  # threads and buffers never pile up (one in flight per gate)
         floats = sum(int(v.size) for v in instruction.model.values() if v.dtype.kind == "f")
-        return PredrawnNoise(floats, self.policy.clip_norm, self.policy.sigma, NoiseSource.from_os_entropy())
+        self._drawing = PredrawnNoise(floats, self.policy.clip_norm, self.policy.sigma, NoiseSource.from_os_entropy())
+        return self._drawing
 
     def _bound(self, instruction: Instruction, honest_in_sum: int = 1) -> Bound:
         """The bound a sent reply to this instruction has: fixed by the policy and the model's
@@ -262,6 +268,15 @@ class GatePipeline:
         masked vector) after every rule and the review, before the ledger records it;
         `review_note` says so, in words, on the review page (the reviewer sees the content
         before `finalize`)."""
+        try:
+            return self._conclude(admission, outcome, finalize, review_note)
+        finally:
+            if admission.noise is not None:
+                admission.noise.discard()  # sent or refused, its noise goes with it
+
+    def _conclude(
+        self, admission: Admission, outcome: AppOutcome | None, finalize: Finalize | None, review_note: str
+    ) -> Outcome:
         decision, checked = self._decide(admission, outcome)
         content: CheckedContent | RecordDict | None = checked
         release = schedule(self.policy.release, admission.arrived, time.time())

@@ -177,6 +177,12 @@ class PredrawnNoise:
         """Until the drawing has ended (`take` waits by itself)."""
         self._thread.join()
 
+    def discard(self) -> None:
+        """The reply was concluded, sent or not: the draws go (nothing can take them after)."""
+        self._thread.join()
+        self._taken = True
+        self._draws = None
+
     def take(self, coordinates: int, clip_norm: float, sigma: float) -> np.ndarray:
         """The draws (float64, integer-valued; empty without a grid), once, for a reply with
         these parameters; raises NoiseSourceSpent the second time, ValueError on a mismatch."""
