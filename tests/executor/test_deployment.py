@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fedgate.errors import FedgateError
 from fedgate.executor.local_federation import free_port, run_local_deployment
-from fedgate.executor.node import NodeConfig, NodeRefused, check_node_user
+from fedgate.executor.node import NodeConfig, NodeRefused, check_node_user, check_sandbox_tools
 from fedgate.flower_adapter import message_from_bytes
 from fedgate.gate.entries import ReplyEntry, read_entries
 from fedgate.ledger.store import Ledger
@@ -225,3 +225,21 @@ def test_the_node_refuses_root_unless_told_and_unsafe_keys(tmp_path: Path) -> No
     key.chmod(0o644)
     with pytest.raises(NodeRefused, match="chmod 600"):
         check_node_user(allowed)
+
+
+def test_the_node_refuses_to_start_without_bubblewrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No bwrap on the host: the node does not start, and says how to install it; with the
+    policy's explicit downgrade it starts, and says so in every entry (`sandbox_tools`)."""
+    import dataclasses
+
+    import fedgate.sandbox.bwrap as bwrap
+
+    config = NodeConfig("127.0.0.1:1", tmp_path / "h", tmp_path, load_policy(None), "https://x", allow_root=True)
+    assert "bwrap" in check_sandbox_tools(config)["sandbox_tools"]
+    monkeypatch.setattr(bwrap.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bwrap.os, "access", lambda path, mode: False)
+    with pytest.raises(NodeRefused, match="apt install bubblewrap"):
+        check_sandbox_tools(config)
+    policy = load_policy(None)
+    lenient = dataclasses.replace(policy, sandbox=dataclasses.replace(policy.sandbox, allow_downgrade=True))
+    assert check_sandbox_tools(dataclasses.replace(config, policy=lenient)) == {"sandbox_tools": "missing"}

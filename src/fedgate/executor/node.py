@@ -40,7 +40,9 @@ from fedgate.flower_adapter import (
 )
 from fedgate.gate.pipeline import GENERIC_REFUSAL
 from fedgate.policy import Policy
+from fedgate.sandbox.bwrap import find_tool
 from fedgate.sandbox.runner import AppRef
+from fedgate.sandbox.spec import SandboxError
 from fedgate.secagg.handler import handlers_for
 
 log = logging.getLogger("fedgate.node")
@@ -84,6 +86,22 @@ def check_node_user(config: NodeConfig) -> dict[str, Any]:
         if mode & 0o077:
             raise NodeRefused(f"{key} is readable by others (mode {mode:o}); run chmod 600 on it")
     return {"node_uid": uid, "as_root": uid == 0}
+
+
+def check_sandbox_tools(config: NodeConfig) -> dict[str, Any]:
+    """Every task runs in bubblewrap: without it the node does not start (and says how to
+    install it), rather than fail every task later. A policy that allows running without the
+    sandbox (`[sandbox] allow_downgrade`) starts, and each task's ledger entry says so."""
+    try:
+        tools = {"bwrap": find_tool("bwrap")}
+        if os.geteuid() == 0:
+            tools["setpriv"] = find_tool("setpriv")  # the outer sandbox drops root with it
+    except SandboxError as err:
+        if config.policy.sandbox.allow_downgrade:
+            log.warning("%s; the policy allows running without the sandbox: tasks are recorded as unisolated", err)
+            return {"sandbox_tools": "missing"}
+        raise NodeRefused(f"fedgate node cannot sandbox a ClientApp: {err}") from err
+    return {"sandbox_tools": tools}
 
 
 def trusted_handlers(config: NodeConfig) -> tuple[TrustedTraining, ...]:
@@ -152,6 +170,7 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
     """Poll the SuperNode for ClientApp tasks until `stop` is set."""
     stop = stop or threading.Event()
     facts = check_node_user(config)
+    facts.update(check_sandbox_tools(config))
     config.hospital_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     name = config.hospital_dir.name
     hospital = Hospital(

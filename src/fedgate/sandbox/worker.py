@@ -67,6 +67,8 @@ def bootstrap(fd_in: int, fd_out: int) -> dict[str, Any]:
     for module in hello["preload"]:  # trusted libraries only (numpy, torch, flwr), before any fork
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
+    if "torch" in sys.modules:
+        warm_torch()
     import fedgate.executor.loading
     import fedgate.flower_adapter  # noqa: F401  (serde, so each child starts warm)
 
@@ -83,6 +85,22 @@ def bootstrap(fd_in: int, fd_out: int) -> dict[str, Any]:
         },
     )
     return hello
+
+
+def warm_torch() -> None:
+    """What torch does once per process, done here, once per sandbox, so that each task's
+    child starts warm: building the first optimizer imports ~800 modules (torch._dynamo, sympy,
+    ...), ~2 s that every forked child paid again — the bulk of the sandbox's overhead per
+    train task in `fedgate demo` (benchmarks/sandbox_overhead.py). Trusted code only: torch's
+    own layers and optimizers on a tensor made here."""
+    import torch
+
+    with contextlib.suppress(Exception):  # a warm-up, never a reason for the sandbox not to start
+        layer = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        loss = torch.nn.functional.cross_entropy(layer(torch.zeros(1, 1, 4, 4)), torch.zeros(1, dtype=torch.long))
+        torch.autograd.backward(loss)
+        optimizer.step()
 
 
 def seed_cache() -> None:
