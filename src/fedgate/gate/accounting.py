@@ -46,8 +46,7 @@ def gate_noise_multiplier(policy: Policy, manifest: Manifest, honest_in_sum: int
     update can have (clip norm plus grid rounding). 0 without noise (no guarantee).
     `honest_in_sum`: the update reaches the server only inside a SecAgg+ sum assumed to hold at
     least that many honestly noised replies (σ·sqrt(t) in the sum: `rules.update_bits_for`)."""
-    floats = sum(math.prod(t.shape) for t in manifest.tensors if t.dtype.startswith("float"))
-    bits = update_bits_for(policy.clip_norm, policy.sigma, floats, honest_in_sum)
+    bits = update_bits_for(policy.clip_norm, policy.sigma, manifest.float_coordinates, honest_in_sum)
     if math.isinf(bits):
         return 0.0
     return 1.0 / math.sqrt(2.0 * bits * math.log(2.0))

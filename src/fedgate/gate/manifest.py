@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,11 @@ class Manifest:
                 count *= dim
             total += count
         return total
+
+    @property
+    def float_coordinates(self) -> int:
+        """How many coordinates the gate clips and noises: those of the float tensors."""
+        return sum(math.prod(t.shape) for t in self.tensors if t.dtype.startswith("float"))
 
     def diff(self, other: Manifest) -> dict[str, Any]:
         """What `other` has that differs from self: missing, added and changed tensors."""

@@ -241,7 +241,7 @@ class GatePipeline:
             return None
         if self._drawing is not None:  # a server sending faster than the noise is drawn waits for it:
             self._drawing.wait()  # threads and buffers never pile up (one in flight per gate)
-        floats = sum(int(v.size) for v in instruction.model.values() if v.dtype.kind == "f")
+        floats = instruction.manifest.float_coordinates
         self._drawing = PredrawnNoise(floats, self.policy.clip_norm, self.policy.sigma, NoiseSource.from_os_entropy())
         return self._drawing
 
@@ -250,11 +250,7 @@ class GatePipeline:
         size before the ClientApp runs, so the budget is checked before it runs."""
         update = 0.0
         if instruction.manifest is not None:
-            floats = sum(
-                int(np.prod(t.shape, dtype=np.int64))
-                for t in instruction.manifest.tensors
-                if t.dtype.startswith("float")
-            )
+            floats = instruction.manifest.float_coordinates
             update = rules.update_bits_for(self.policy.clip_norm, self.policy.sigma, floats, honest_in_sum)
         metrics = rules.canonical_metrics(None, instruction.category, self.policy).bits
         return Bound(update, metrics, 1.0, self.policy.release.bits)
