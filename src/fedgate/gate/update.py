@@ -144,8 +144,7 @@ class PredrawnNoise:
     def __init__(
         self, coordinates: int, clip_norm: float, sigma: float, source: NoiseSource, threads: int | None = None
     ) -> None:
-        if not (math.isfinite(clip_norm) and clip_norm > 0.0 and math.isfinite(sigma) and sigma >= 0.0):
-            raise ValueError(f"clip norm must be > 0 and sigma >= 0, got {clip_norm}, {sigma}")
+        _check_clip_and_sigma(clip_norm, sigma)
         self.coordinates, self.clip_norm, self.sigma = coordinates, clip_norm, sigma
         self.grid = grid_step(sigma, clip_norm, coordinates)
         self._draws: np.ndarray | None = np.empty(coordinates if self.grid else 0)
@@ -266,8 +265,7 @@ def noised_update(
     for index, (base, reply) in enumerate(zip(global_arrays, reply_arrays, strict=True)):
         if base.shape != reply.shape or base.dtype != reply.dtype or base.dtype.kind != "f":
             raise ValueError(f"tensor {index}: global {base.dtype}{base.shape} and reply {reply.dtype}{reply.shape}")
-    if not (math.isfinite(clip_norm) and clip_norm > 0.0 and math.isfinite(sigma) and sigma >= 0.0):
-        raise ValueError(f"clip norm must be > 0 and sigma >= 0, got {clip_norm}, {sigma}")
+    _check_clip_and_sigma(clip_norm, sigma)
     if out is not None:
         _check_out(out, global_arrays, reply_arrays)
     if isinstance(source, PredrawnNoise):
@@ -335,6 +333,11 @@ def _noised_update(
         sampler=SAMPLER,
     )
     return NoisedUpdate(tuple(outputs), evidence)
+
+
+def _check_clip_and_sigma(clip_norm: float, sigma: float) -> None:
+    if not (math.isfinite(clip_norm) and clip_norm > 0.0 and math.isfinite(sigma) and sigma >= 0.0):
+        raise ValueError(f"clip norm must be > 0 and sigma >= 0, got {clip_norm}, {sigma}")
 
 
 def _check_out(

@@ -79,9 +79,9 @@ def merge(events: Iterable[PrivacyEvent]) -> tuple[PrivacyEvent, ...]:
 
 
 def _dp_events(events: Sequence[PrivacyEvent], update_sensitivity: float) -> list[dp_accounting.DpEvent]:
+    """dp-accounting events; an update-noise reply with sensitivity k·C has noise multiplier z/k."""
     import dp_accounting  # 1.5-4.5 s (scipy): only when a figure is computed, not in every `fedgate` process
 
-    """dp-accounting events; an update-noise reply with sensitivity k·C has noise multiplier z/k."""
     out: list[dp_accounting.DpEvent] = []
     for event in events:
         if isinstance(event, DpSgdEvent):
