@@ -21,7 +21,15 @@ from fedgate.flower_adapter import make_instruction, message_from_bytes, message
 from fedgate.gate.pipeline import AppOutcome, GatePipeline, Outcome
 from fedgate.policy import Policy, load_policy
 from fedgate.policy.model import ReleasePolicy
+from malicious_apps import ATTACK_RULES, SOME_ATTACKS
 from model_fixtures import array_record, tiny_model
+
+# The attacks an end-to-end test plays, in both executors: one per refusal path in `make test`,
+# every attack at once in `make slow`.
+ATTACK_SETS = [
+    pytest.param(SOME_ATTACKS, id="one-per-path"),
+    pytest.param(list(ATTACK_RULES), id="every-attack", marks=pytest.mark.slow),
+]
 
 RUN_ID = 4242
 NODE_ID = 17

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from conftest import ATTACK_SETS
 from fedgate.errors import FedgateError
 from fedgate.executor.local_federation import free_port, run_local_deployment
 from fedgate.executor.node import NodeConfig, NodeRefused, check_node_user, check_sandbox_tools
@@ -26,7 +27,7 @@ from fedgate.gate.entries import ReplyEntry, read_entries
 from fedgate.ledger.store import Ledger
 from fedgate.ledger.verify import verify_ledger
 from fedgate.policy import default_policy_text, load_policy
-from malicious_apps import ATTACK_RULES, CANARY, SOME_ATTACKS, check_refusals
+from malicious_apps import CANARY, check_refusals
 
 TESTS = Path(__file__).resolve().parents[1]
 TEST_APP_FILES = ("malicious_apps.py", "canary_server_app.py", "model_fixtures.py", "sandbox_apps.py")
@@ -108,13 +109,7 @@ def make_test_fab(folder: Path, extra: dict[str, str] | None = None) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(
-    "played",
-    [
-        pytest.param(SOME_ATTACKS, id="one-per-path"),
-        pytest.param(list(ATTACK_RULES), id="every-attack", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("played", ATTACK_SETS)
 def test_same_refusals_as_simulation_no_way_out_and_an_unapproved_fab_is_refused(
     tmp_path: Path, played: list[str]
 ) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from conftest import ATTACK_SETS
 from fedgate.ledger.verify import verify_ledger
-from malicious_apps import ATTACK_RULES, CANARY, CANARY_TEXT, SOME_ATTACKS, check_refusals
+from malicious_apps import ATTACK_RULES, CANARY, CANARY_TEXT, check_refusals
 
 TESTS = Path(__file__).resolve().parents[1]
 HANG_S = 600  # only a hang detector: nothing here is timed
@@ -84,13 +85,7 @@ def test_every_hospital_ledger_verifies_and_every_reply_was_isolated(
         assert all(e.executor["sandbox"]["rule"] == "" for e in replies)
 
 
-@pytest.mark.parametrize(
-    "attacks",
-    [
-        pytest.param(SOME_ATTACKS, id="one-per-path"),
-        pytest.param(list(ATTACK_RULES), id="every-attack", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("attacks", ATTACK_SETS)
 def test_malicious_hospitals_are_refused_others_go_on_and_the_canary_never_leaves(
     tmp_path: Path, attacks: list[str]
 ) -> None:
