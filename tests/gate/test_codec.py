@@ -4,6 +4,7 @@ a schema pinned to Flower's own descriptors (an upgrade that moves a field fails
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -28,6 +29,7 @@ from fedgate.errors import GateRefusal
 from fedgate.flower_adapter import (
     flower_message_to_bytes,
     flower_recorddict_to_bytes,
+    message_from_bytes,
     message_head,
     message_to_bytes,
     recorddict_to_bytes,
@@ -522,3 +524,54 @@ def test_laid_out_bytes_are_encode_messages(tmp_path: Path) -> None:
     assert bytes(wire) == expected and span == expected_span
     assert wire.readonly and all(not a.flags.writeable for a in laid.arrays)
     assert wire_of(checked, Message(metadata=metadata, content=RecordDict())) is None
+
+
+@pytest.mark.parametrize(
+    ("ttl", "created_at"), [(3600.0, None), (float("nan"), 5.0), (float("inf"), 1e300), (1e-300, 0.0)]
+)
+def test_a_servers_extreme_metadata_and_names_still_leave_as_flower_writes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ttl: float, created_at: float | None
+) -> None:
+    """The fast path leaves room for the reply's metadata before the content: a hostile server
+    makes it as large and odd as it can (1 MB message type and group id, the largest run id,
+    non-finite ttl, names with NUL and line separators, a 3,000-character record key). The
+    bytes that leave are still Flower's encoding of the message they carry, the laid-out
+    buffer's marker never leaves, and the ledger holds the content (red team, issue 15)."""
+    from flwr.app import Array as FlowerArray
+
+    from fedgate.flower_adapter import make_instruction
+
+    monkeypatch.setattr(codec, "_allocate", lambda size: np.full(size, 0xAB, dtype=np.uint8))
+    model = {"": np.ones(3, np.float32), "é\u2028\x00": np.arange(4, dtype=np.int8), "w" * 5000: np.ones((2, 0, 3))}
+    key = "x" * 3000
+
+    def record() -> ArrayRecord:
+        return ArrayRecord({n: FlowerArray(v) for n, v in model.items()})
+
+    ins = make_instruction(RecordDict({"config": ConfigRecord({"server-round": 1}), key: record()}),
+                           "train." + "y" * (1 << 20), dst_node_id=17, run_id=(1 << 64) - 1, group_id="g" * (1 << 20),
+                           ttl=ttl, created_at=created_at)  # fmt: skip
+    gate = gate_for(tmp_path, max_total_bits=0.0)
+    out = through_gate(gate, ins, lambda m: Message(RecordDict({key: record(), "metrics": MetricRecord(
+        {"num-examples": 3})}), reply_to=m))  # fmt: skip
+    assert out.decision.sent and isinstance(out.wire, memoryview), out.decision.reason
+    shipped = bytes(out.wire)
+    assert shipped == flower_message_to_bytes(message_from_bytes(out.wire)) and b"\xab" * 8 not in shipped
+    recorded = gate.ledger.entries()[out.seq]["payloads"]["sent"]
+    assert gate.ledger.blobs.get(recorded["sha256"]) in shipped
+    gate.close()
+
+
+def test_a_large_instructions_hash_is_recorded_exactly(tmp_path: Path) -> None:
+    """From 1 MiB on, the instruction's SHA-256 is computed on a thread while the ClientApp runs
+    (issue 15): the ledger still records the hash of exactly the bytes that came in."""
+    from fedgate.gate.pipeline import InstructionDigest
+
+    ins = instruction(tensors={"w": np.arange(400_000, dtype=np.float32)})
+    raw = message_to_bytes(ins)
+    assert len(raw) >= InstructionDigest.THREAD_FROM
+    gate = gate_for(tmp_path)
+    out = through_gate(gate, ins, lambda msg: _reply(msg, {"w": np.arange(400_000, dtype=np.float32)}, {}))
+    assert out.decision.sent
+    assert gate.ledger.entries()[out.seq]["instruction"]["sha256"] == hashlib.sha256(raw).hexdigest()
+    gate.close()

@@ -338,6 +338,10 @@ def test_a_model_record_named_like_the_metrics_is_refused_before_any_code_runs(t
     assert METRICS_KEY in str(admission.refusal) and admission.noise is None  # no noise drawn for it
     out = gate.conclude(admission, None)
     assert not out.decision.sent and out.wire is None
+    # the control: the same model under another record name is admitted, noised and sent
+    records["arrays"] = records.pop(METRICS_KEY)
+    honest_ins = make_instruction(RecordDict(records), "train", dst_node_id=1, run_id=RUN_ID)  # type: ignore[arg-type]
+    assert through_gate(gate, honest_ins, honest).decision.sent
     gate.close()
 
 
