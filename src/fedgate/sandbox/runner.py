@@ -429,21 +429,32 @@ class SandboxWorker:
 
 
 class _Monitor:
-    """Sums memory (PSS) and CPU time over every process of the sandbox while a task runs,
-    and kills the sandbox past the limits: per-process rlimits alone are bypassed by fork."""
+    """Sums memory and CPU time over every process of the sandbox while a task runs, and kills
+    the sandbox past the limits: per-process rlimits alone are bypassed by fork.
 
-    def __init__(self, worker: SandboxWorker, timeout_s: float, interval_s: float = 0.2) -> None:
+    Memory is the proportional set size (shared pages counted once), which the kernel computes
+    by walking page tables: read every 0.2 s for a tree with torch loaded, it took a fifth of a
+    core from the training it watched. So each sample reads the resident sizes (a bound on the
+    PSS from above, at no cost) and the PSS only when that bound reaches the limit, and every
+    `exact_every` samples for the peak the ledger records. The decision is the PSS's either way."""
+
+    def __init__(self, worker: SandboxWorker, timeout_s: float, interval_s: float = 0.2, exact_every: int = 10) -> None:
         self.worker = worker
         self.interval_s = interval_s
+        self.exact_every = exact_every
         self.violation = ""
         self.peak: dict[str, Any] = {"memory_mb": 0.0, "cpu_seconds": 0.0, "processes": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="fedgate-sandbox-monitor")
-        self._baseline = self._sample().cpu_seconds if worker.proc else 0.0
+        self._baseline = self._sample(0).cpu_seconds if worker.proc else 0.0
 
-    def _sample(self) -> procs.Usage:
+    def _sample(self, count: int) -> procs.Usage:
         assert self.worker.proc is not None
-        return procs.usage(procs.descendants(self.worker.proc.pid))
+        pids = procs.descendants(self.worker.proc.pid)
+        use = procs.usage(pids)
+        if use.resident_bound_mb >= self.worker.spec.limits.memory_mb or count % self.exact_every == 1:
+            use = procs.usage(pids, proportional=True)
+        return use
 
     def start(self) -> None:
         self._thread.start()
@@ -455,15 +466,17 @@ class _Monitor:
 
     def _loop(self) -> None:
         limits = self.worker.spec.limits
+        count = 0
         while not self._stop.wait(self.interval_s):
-            use = self._sample()
+            count += 1
+            use = self._sample(count)
             cpu = use.cpu_seconds - self._baseline
             self.peak = {
-                "memory_mb": round(max(self.peak["memory_mb"], use.memory_mb), 1),
+                "memory_mb": round(max(self.peak["memory_mb"], use.memory_mb or 0.0), 1),
                 "cpu_seconds": round(max(self.peak["cpu_seconds"], cpu), 1),
                 "processes": max(self.peak["processes"], use.processes),
             }
-            if use.memory_mb > limits.memory_mb:
+            if use.memory_mb is not None and use.memory_mb > limits.memory_mb:
                 self.violation = f"memory: {use.memory_mb:.0f} MiB over the limit of {limits.memory_mb} MiB"
             elif cpu > limits.cpu_seconds:
                 self.violation = f"cpu time: {cpu:.0f} s over the limit of {limits.cpu_seconds} s"
