@@ -141,3 +141,51 @@ def test_br35h_has_3000_balanced_images_and_is_cached(tmp_path: Path, monkeypatc
 def test_unknown_dataset_spec_lists_the_choices() -> None:
     with pytest.raises(DataError, match=r"br35h, npz:PATH"):
         load_dataset("imagenet")
+
+
+class CountedOpen:
+    """PIL's Image.open as the loaders call it, counting the files decoded."""
+
+    def __init__(self) -> None:
+        self.opened: list[str] = []
+        self._open = Image.open
+
+    def __call__(self, path: Path, *args: object, **kwargs: object) -> Image.Image:
+        self.opened.append(Path(path).name)
+        return self._open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_each_simulated_hospital_decodes_its_share_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Br35H's 3,000 JPEGs are split on their labels first: a hospital (or the server's test
+    set) decodes only its images, exactly the ones a whole-set decode would have cut out for
+    it, and a second task of the same hospital reads them from its cache."""
+    from fedgate.data.hospital import _dataset, _share, _split, global_test_dataset, hospital_dataset
+    from fedgate.data.partition import partition
+
+    monkeypatch.setenv("FEDGATE_CACHE", str(tmp_path / "cache"))
+    for cached in (_dataset, _split, _share):
+        cached.cache_clear()
+    whole = load_br35h(32)  # the reference: everything decoded (kept outside the cache)
+    (tmp_path / "cache" / "br35h-32.npz").unlink()
+    split = partition(whole.labels, 5, "dirichlet", 0.5, 0.2, 0)
+    counted = CountedOpen()
+    monkeypatch.setattr("fedgate.data.loaders.Image.open", counted)
+    share = hospital_dataset("br35h", 2, 5, image_size=32)
+    assert len(counted.opened) == len(split.hospitals[2]) < len(whole) // 10  # the 91-image hospital's, not 3,000
+    mine = whole.subset(split.hospitals[2])
+    order = np.random.default_rng([0, 5, 2]).permutation(len(mine))
+    n_val = max(1, len(mine) // 10)
+    for ours, reference in zip(
+        share, (mine.subset(np.sort(order[n_val:])), mine.subset(np.sort(order[:n_val]))), strict=True
+    ):
+        assert np.array_equal(ours.images, reference.images) and np.array_equal(ours.labels, reference.labels)
+    counted.opened.clear()
+    from fedgate.data import ShareSpec
+
+    test = global_test_dataset(ShareSpec(image_size=32), 5)
+    assert len(counted.opened) == len(split.test)
+    assert np.array_equal(test.images, whole.subset(split.test).images)
+    counted.opened.clear()
+    _share.cache_clear()  # the next round's task is a new process: it reads its share from the cache
+    hospital_dataset("br35h", 2, 5, image_size=32)
+    assert counted.opened == []

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from fedgate.data.loaders import ImageSet, load_dataset
-from fedgate.data.partition import partition
+from fedgate.data.loaders import ImageSet, LazyImages, lazy_dataset, load_dataset
+from fedgate.data.partition import Split, partition
 
 NODE_CONFIG_KEY = "fedgate.hospital-data"  # how the executor hands a HospitalData (JSON) to the trusted app
 EXPECTED_KEY = "fedgate.expected-train-set"  # {"num_examples", "sha256"}: what the hospital accounted for
@@ -36,20 +36,37 @@ class ShareSpec:
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(spec: str, size: int, subset: int, seed: int) -> ImageSet:
-    data = load_dataset(spec, size)
+def _dataset(spec: str, size: int, subset: int, seed: int) -> LazyImages:
+    data = lazy_dataset(spec, size)
     if subset and subset < len(data):
         rng = np.random.default_rng([seed, 4])
-        return data.subset(np.sort(rng.permutation(len(data))[:subset]))
+        return data.select(np.sort(rng.permutation(len(data))[:subset]))
     return data
 
 
+@functools.lru_cache(maxsize=4)
+def _whole(spec: str, size: int) -> ImageSet:
+    """A real hospital's whole dataset, read once per process: what its ε was planned on."""
+    return load_dataset(spec, size)
+
+
 @functools.lru_cache(maxsize=16)
+def _split(share: ShareSpec, n_hospitals: int) -> tuple[LazyImages, Split]:
+    """The split is made on the labels alone: each caller decodes only the part it takes."""
+    data = _dataset(share.dataset, share.image_size, share.subset, share.seed)
+    return data, partition(data.labels, n_hospitals, share.partition, share.alpha, share.test_fraction, share.seed)
+
+
+@functools.lru_cache(maxsize=32)
+def _share(share: ShareSpec, n_hospitals: int, which: int) -> ImageSet:
+    """Hospital `which`'s images (-1: the held-out test split), decoded once per process."""
+    data, split = _split(share, n_hospitals)
+    return data.take(split.test if which < 0 else split.hospitals[which])
+
+
 def split_shares(share: ShareSpec, n_hospitals: int) -> tuple[ImageSet, tuple[ImageSet, ...]]:
     """(global test set, per-hospital sets); deterministic in `share`."""
-    data = _dataset(share.dataset, share.image_size, share.subset, share.seed)
-    split = partition(data.labels, n_hospitals, share.partition, share.alpha, share.test_fraction, share.seed)
-    return data.subset(split.test), tuple(data.subset(index) for index in split.hospitals)
+    return _share(share, n_hospitals, -1), tuple(_share(share, n_hospitals, i) for i in range(n_hospitals))
 
 
 def hospital_dataset(
@@ -69,8 +86,7 @@ def hospital_dataset(
     if not 0 <= hospital_index < n_hospitals:
         raise ValueError(f"hospital index {hospital_index} outside 0..{n_hospitals - 1}")
     share = ShareSpec(spec, image_size, subset, partition, alpha, test_fraction, seed)
-    _, hospitals = split_shares(share, n_hospitals)
-    mine = hospitals[hospital_index]
+    mine = _share(share, n_hospitals, hospital_index)
     order = np.random.default_rng([seed, 5, hospital_index]).permutation(len(mine))
     n_val = max(1, len(mine) // 10)
     return mine.subset(np.sort(order[n_val:])), mine.subset(np.sort(order[:n_val]))
@@ -78,7 +94,7 @@ def hospital_dataset(
 
 def global_test_dataset(share: ShareSpec, n_hospitals: int) -> ImageSet:
     """The held-out split no hospital trains on (the server's evaluation set)."""
-    return split_shares(share, n_hospitals)[0]
+    return _share(share, n_hospitals, -1)
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,7 @@ class HospitalData:
                 s.dataset, self.index, self.hospitals, image_size=image_size, subset=s.subset,
                 partition=s.partition, alpha=s.alpha, test_fraction=s.test_fraction, seed=s.seed,
             )  # fmt: skip
-        data = _dataset(self.dataset, image_size, 0, 0)
+        data = _whole(self.dataset, image_size)
         order = np.random.default_rng([0, 5]).permutation(len(data))
         n_val = max(1, len(data) // 10)
         return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
