@@ -117,3 +117,23 @@ def test_scattering_network_has_81_fixed_channels_and_only_a_linear_head_to_trai
     assert torch.equal(again, network.features(torch.ones(1, 1, 32, 32)))  # fixed: no randomness, no training
     with pytest.raises(RecipeError, match="image-size"):
         build_model("scatternet-linear", 2, 30)
+
+
+def test_the_small_cnn_pools_before_its_relu_and_computes_the_same_function() -> None:
+    """Pooling first (a quarter of the values through the ReLU) is the network with ReLU first:
+    same outputs and same gradients, so the swap changed the time, not the model."""
+    torch.manual_seed(0)
+    network = build_model("small-cnn", 2, 64)
+    blocks = list(network.features)
+    assert [type(m) for m in blocks[:4]] == [nn.Conv2d, nn.GroupNorm, nn.MaxPool2d, nn.ReLU]
+    relu_first = [m for i in range(0, len(blocks), 4) for m in (*blocks[i : i + 2], blocks[i + 3], blocks[i + 2])]
+    reference = nn.Sequential(nn.Sequential(*relu_first), network.classifier).eval()
+    network.eval()
+    images = torch.randn(8, 1, 64, 64)
+    assert torch.equal(network(images), reference(images))
+    network(images).square().sum().backward()
+    ours = [p.grad.clone() for p in network.parameters()]  # type: ignore[union-attr]
+    network.zero_grad()
+    reference(images).square().sum().backward()
+    for mine, theirs in zip(ours, [p.grad for p in network.parameters()], strict=True):
+        assert theirs is not None and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6)

@@ -3,6 +3,8 @@ train / evaluate loops. Shared by the ClientApp and the ServerApp."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,6 +37,7 @@ class AppConfig:
     lr: float = 0.001
     batch_size: int = 32
     num_server_rounds: int = 10
+    evaluate_every: int = 1  # the hospitals' federated evaluation: every N rounds and the last; 0: the last only
     num_hospitals: int = 0  # 0 = every node the grid has
     metrics_file: str = ""  # JSON lines of per-round global metrics, read by `fedgate run`
 
@@ -79,30 +82,44 @@ def new_model(cfg: AppConfig, n_classes: int = 2) -> nn.Module:
     return build_model(cfg.model, n_classes, cfg.image_size)
 
 
+@contextmanager
+def channels_last(model: nn.Module) -> Iterator[nn.Module]:
+    """The network's convolutions in the channels-last (NHWC) layout while it works: on one CPU
+    thread the small CNN trains an epoch in 0.79x the time, and evaluates (with batches of 64)
+    in 0.55x (`python benchmarks/app_layout.py`). The weights return to the default layout after, so
+    the arrays a hospital sends are laid out as before."""
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 def train(model: nn.Module, data: ImageSet, epochs: int, lr: float, batch_size: int, seed: int) -> float:
     """Adam (fresh each round, so no optimiser state crosses rounds) with random horizontal
     flips; returns the mean loss of the last epoch."""
     images, labels = to_tensors(data)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
-    model.train()
     last = 0.0
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total, count = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            x = images[batch]
-            flip = torch.rand(len(batch), generator=generator) < 0.5
-            x[flip] = x[flip].flip(-1)
-            optimizer.zero_grad()
-            loss = loss_fn(model(x), labels[batch])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-            count += len(batch)
-        last = total / max(count, 1)
+    with channels_last(model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(labels), generator=generator)
+            total, count = 0.0, 0
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                x = images[batch]
+                flip = torch.rand(len(batch), generator=generator) < 0.5
+                x[flip] = x[flip].flip(-1)
+                optimizer.zero_grad()
+                loss = loss_fn(model(x.contiguous(memory_format=torch.channels_last)), labels[batch])
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(batch)
+                count += len(batch)
+            last = total / max(count, 1)
     return last
 
 
@@ -132,11 +149,14 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 256) -> tuple[float, float, float]:
-    """(loss, accuracy, AUC) on `data`."""
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 64) -> tuple[float, float, float]:
+    """(loss, accuracy, AUC) on `data`. Batches of 64: of 32 to 600 images, the fastest on one
+    thread (a batch's activations stay in the CPU's cache)."""
     images, labels = to_tensors(data)
-    model.eval()
-    logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(labels), batch_size)])
+    images = images.contiguous(memory_format=torch.channels_last)
+    with channels_last(model):
+        model.eval()
+        logits = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(labels), batch_size)])
     loss = float(nn.functional.cross_entropy(logits, labels))
     probs = torch.softmax(logits, dim=1).numpy()
     accuracy = float((probs.argmax(1) == labels.numpy()).mean())

