@@ -29,6 +29,12 @@ class LedgerVerificationError(LedgerError):
         self.seq = seq
 
 
+# The only words a server ever gets for a refusal, whatever the reason (the reason stays in the
+# hospital's ledger). Here, not in the gate, so that the simulation's relay (imported by Flower's
+# actors) has it without importing the gate.
+GENERIC_REFUSAL = "refused by the hospital's egress gate"
+
+
 class GateRefusal(FedgateError):
     """The gate refused a reply. `rule` names the rule; `detail` holds the offending
     key / shape / value. Both stay at the hospital: the server only learns 'refused'."""

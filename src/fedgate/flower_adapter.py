@@ -8,7 +8,6 @@ here, so that an upgrade that moves them breaks one module and its contract test
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -236,9 +235,11 @@ def run_simulation(
     run_config: dict[str, bool | int | float | str],
     ray_dir: str,
     verbose: bool,
+    actors: int,
 ) -> None:
-    """Flower's simulation engine (Ray backend) with our own run id and run config; one CPU
-    per actor (PLATFORM-NOTES: Ray's default of two runs one client at a time)."""
+    """Flower's simulation engine (Ray backend) with our own run id and run config, and
+    `actors` actors: each takes one of as many logical CPUs (PLATFORM-NOTES: Ray's default of
+    two CPUs per actor runs one client at a time)."""
     import logging
 
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID
@@ -261,7 +262,7 @@ def run_simulation(
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
-            "num_cpus": max(1, min(os.cpu_count() or 1, hospitals)),
+            "num_cpus": max(1, actors),
             "_temp_dir": ray_dir,
             # Nothing can reach a dashboard from the server side's sandbox (loopback only), and
             # its processes cost seconds of CPU at every start.

@@ -12,6 +12,7 @@ around us (in simulation that is the process the research team's ServerApp runs 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -29,6 +30,7 @@ from flwr.app import Context, RecordDict
 from fedgate.canonical import decimal_str
 from fedgate.data.hospital import HospitalData
 from fedgate.errors import FedgateError, GateRefusal
+from fedgate.executor.cores import CoreScheduler
 from fedgate.fab import FabRefused
 from fedgate.flower_adapter import (
     context_from_bytes,
@@ -44,6 +46,7 @@ from fedgate.gate.pipeline import GENERIC_REFUSAL, Admission, AppOutcome, GatePi
 from fedgate.gate.release import wait_until
 from fedgate.gate.update import compile_kernels as compile_gate_kernels
 from fedgate.policy import Policy
+from fedgate.privacy.accountant import load_accounting_library
 from fedgate.sandbox.runner import AppRef, SandboxRefused, SandboxWorker
 from fedgate.sandbox.spec import SANDBOX_UID, Limits, SandboxError, SandboxSpec, sandbox_uid
 
@@ -145,6 +148,7 @@ class HospitalConfig:
     masks: tuple[Path, ...] = ()  # folders the sandbox must not see even if under a bound path (the run folder)
     data: HospitalData | None = None  # the hospital's own images, for the gate's [audit] stage
     executor: dict[str, Any] = field(default_factory=dict)
+    cores: CoreScheduler | None = None  # simulation: the machine's cores, shared by every hospital's sandbox
 
 
 class Hospital:
@@ -162,8 +166,10 @@ class Hospital:
         self._worker_key: tuple[AppRef, int] | None = None
         self._state = RecordDict()  # the ClientApp's context state between its tasks
         self._stopping = threading.Event()
-        # The gate's numba kernels load (or compile, first time) now, not on the first reply's clock.
+        # The gate's numba kernels load (or compile, first time) and its accounting library is
+        # imported now, not on the first reply's clock.
         self._thread.submit(compile_gate_kernels)
+        self._thread.submit(load_accounting_library)
 
     def call(self, fn: Callable[[], T]) -> T:
         return self._thread.submit(fn).result()
@@ -222,7 +228,8 @@ class Hospital:
             admission = self.gate.admit(instruction, arrived)
             outcome, state = None, None
             if admission.refusal is None:
-                outcome, state = self.sandboxed(instruction, context, admission.run_id, app_source, arrived)
+                outcome, state = self.sandboxed(instruction, context, admission.run_id, app_source, arrived,
+                                                kind=admission.message_type)  # fmt: skip
             return self._send(self.gate.conclude(admission, outcome), instruction), state
         except Exception as err:  # fail closed: a recorded refusal on a slot, never the error itself
             return self._failed(instruction, arrived, admission, err), None
@@ -296,9 +303,13 @@ class Hospital:
         run_id: int,
         app_source: AppSource | None,
         arrived: float | None = None,
+        kind: str = "",
     ) -> tuple[AppOutcome, bytes | None]:
         """The app in this hospital's sandbox: (outcome, the ClientApp's new context state). Its
-        deadline runs from the instruction's arrival, so the answer is in before the last slot."""
+        deadline runs from the instruction's arrival, so the answer is in before the last slot.
+        In simulation it first waits for one of the machine's cores (`kind`, the message type,
+        tells the scheduler which of this hospital's past task times to expect), and gives it
+        back as soon as the ClientApp has answered: not while the gate holds the reply."""
         executor = dict(self.config.executor)
         none = {"mode": "not-run", "enforced": True, "layers": []}  # refused before any app code ran
         try:
@@ -321,8 +332,10 @@ class Hospital:
         policy = self.config.policy
         deadline = (time.time() if arrived is None else arrived) + policy.release.horizon_s * RELEASE_SHARE
         deadline -= policy.audit.reserve_s()  # the gate's leakage audit runs after the app, before the last slot
-        timeout = max(1.0, min(policy.sandbox.timeout_s, deadline - time.time()))
-        result = worker.run(instruction, self._task_context(context), timeout)
+        cores = self.config.cores
+        with cores.task(self.config.name, kind) if cores is not None else contextlib.nullcontext():
+            timeout = max(1.0, min(policy.sandbox.timeout_s, deadline - time.time()))
+            result = worker.run(instruction, self._task_context(context), timeout)
         usage = {k: decimal_str(float(v)) for k, v in result.usage.items()}
         executor["sandbox"] = {"rule": result.rule, "seconds": decimal_str(result.seconds, 4), "usage": usage}
         if not self.config.keep_worker:

@@ -26,7 +26,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgate.gate.pipeline import GENERIC_REFUSAL
+from fedgate.errors import GENERIC_REFUSAL
 from fedgate.sandbox.wire import WireError, recv_bytes, recv_json, send_bytes, send_json
 
 log = logging.getLogger("fedgate.relay")

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from rich.console import Console
 
 from fedgate.errors import FedgateError
 from fedgate.executor.audit_data import simulated_data
+from fedgate.executor.cores import CoreScheduler
 from fedgate.executor.hospital import Hospital, HospitalConfig, preload_for
 from fedgate.executor.processes import Started, become_subreaper, signals_interrupt
 from fedgate.executor.progress import METRICS_FILE, RoundPrinter
@@ -191,6 +192,7 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
     ray_dir = tempfile.mkdtemp(prefix="fg-ray-")
     started = time.monotonic()
     interrupted = False
+    cores = CoreScheduler(os.cpu_count() or 1) if spec.isolation == "sandbox" else None
     try:
         with signals_interrupt():
             for index in range(spec.hospitals):
@@ -202,20 +204,23 @@ def run_federation(spec: RunSpec, console: Console | None = None) -> dict[str, A
                         preload=preload, masks=(out_dir,),
                         data=simulated_data(spec.policy, spec.run_config, index, spec.hospitals),
                         handlers=(*handlers_for(spec.policy, spec.policy.secagg), *trusted_handlers(spec, index)),
-                        executor={"executor": "fedgate-simulation", "client_app": client_label},
+                        executor={"executor": "fedgate-simulation", "client_app": client_label}, cores=cores,
                     )
                 )  # fmt: skip
             if spec.isolation == "sandbox":
                 console.print("[dim]starting the sandboxes…[/]")
                 for hospital in hospitals.values():
                     hospital.warm_up(run_id)
-                problem = hospitals[hospital_name(0)].check_app(run_id)
+
+            def check_app() -> None:
+                problem = hospitals[hospital_name(0)].check_app(run_id) if spec.isolation == "sandbox" else ""
                 if problem:
                     raise FedgateError(f"the client app {client_label} does not load in the sandbox: {problem}")
+
             token = secrets.token_hex(16)
             relay = RelayServer(out_dir / ".relay" / "sock", token, hospitals, spec.policy.sandbox.max_frame_mb << 20)
-            relay.start()
-            returncode = _simulate(spec, run_id, run_config, run_dir, relay, token, ray_dir, console, started)
+            returncode = _simulate(spec, run_id, run_config, run_dir, relay, token, ray_dir, console, started,
+                                   check_app)  # fmt: skip
     except KeyboardInterrupt:
         interrupted = True
         console.print("[bold yellow]interrupted[/]: stopping the simulation and every sandbox…")
@@ -248,7 +253,11 @@ def _simulate(
     ray_dir: str,
     console: Console,
     started: float,
+    check_app: Callable[[], None],
 ) -> int:
+    """Flower's engine starts (Ray, the ServerApp) while the hospitals' sandboxes start; the
+    relay serves its actors only once the ClientApp is known to load (until then they wait in
+    the socket's backlog), so no task reaches a gate before that."""
     sim_spec = {
         "server_app": spec.server_app,
         "hospitals": spec.hospitals,
@@ -259,6 +268,9 @@ def _simulate(
         "inner": spec.client_app if spec.isolation == "none" else None,
         "ray_dir": ray_dir,
         "verbose": spec.verbose,
+        # Sandboxed, an actor only relays bytes and the hospitals take turns for the cores
+        # (executor/cores.py): one per hospital. Unsandboxed, the actors run the ClientApps.
+        "actors": spec.hospitals if spec.isolation == "sandbox" else min(os.cpu_count() or 1, spec.hospitals),
     }
     sandbox, argv, env = _server_side(spec, run_dir, relay, sim_spec, token)
     with (run_dir / "simulation.log").open("wb") as log:
@@ -272,6 +284,8 @@ def _simulate(
         )
         for fd in sandbox:
             os.close(fd)
+        check_app()
+        relay.start()
         with RoundPrinter(run_dir / METRICS_FILE, spec.rounds, console, started):
             return proc.wait()
 

@@ -49,6 +49,7 @@ def main() -> int:
             run_config=spec["run_config"],
             ray_dir=spec["ray_dir"],
             verbose=verbose,
+            actors=int(spec["actors"]),
         )
     except (FedgateError, ValueError) as err:  # the app's own data or config errors: one line
         print(f"error: {err}", file=sys.stderr)

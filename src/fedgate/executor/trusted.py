@@ -143,7 +143,8 @@ class TrustedTraining:
                 return TRUSTED_APP, evidence
 
             ctx = self._context(context, task.expected)
-            outcome, _ = hospital.sandboxed(instruction, ctx, admission.run_id, source, arrived)
+            outcome, _ = hospital.sandboxed(instruction, ctx, admission.run_id, source, arrived,
+                                            kind=admission.message_type)  # fmt: skip
         return hospital._send(gate.conclude(admission, outcome), instruction), None
 
     def _check(self, instruction: bytes) -> tuple[TrustedTask | None, GateRefusal | None, DpSgdEvent | None]:

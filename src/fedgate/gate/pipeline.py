@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from fedgate.canonical import decimal_str
-from fedgate.errors import GateRefusal, LedgerError
+from fedgate.errors import GENERIC_REFUSAL, GateRefusal, LedgerError
 from fedgate.flower_adapter import make_reply, message_from_bytes, message_head, refusal
 from fedgate.gate import accounting, rules
 from fedgate.gate.accounting import PrivacyPlan
@@ -51,7 +51,6 @@ from fedgate.privacy import DpSgdEvent
 
 log = logging.getLogger("fedgate.gate")
 
-GENERIC_REFUSAL = "refused by the hospital's egress gate"
 Finalize = Callable[[RecordDict, "GateDecision"], tuple[RecordDict, "GateDecision"]]
 LEDGER_DIR = "ledger"
 
@@ -90,6 +89,10 @@ class Admission:
     @property
     def run_id(self) -> int:
         return self.message.metadata.run_id if self.message is not None else 0
+
+    @property
+    def message_type(self) -> str:
+        return self.message.metadata.message_type if self.message is not None else ""
 
     @property
     def sha256(self) -> str:

@@ -78,6 +78,12 @@ def merge(events: Iterable[PrivacyEvent]) -> tuple[PrivacyEvent, ...]:
     return tuple(merged)
 
 
+def load_accounting_library() -> None:
+    """Import dp-accounting now: a hospital does so on its own thread as it starts, so that
+    its first reply's statement does not wait for it."""
+    import dp_accounting  # noqa: F401
+
+
 def _dp_events(events: Sequence[PrivacyEvent], update_sensitivity: float) -> list[dp_accounting.DpEvent]:
     """dp-accounting events; an update-noise reply with sensitivity k·C has noise multiplier z/k."""
     import dp_accounting  # 1.5-4.5 s (scipy): only when a figure is computed, not in every `fedgate` process

@@ -239,7 +239,8 @@ class SecAggHandler:
                               self.secagg.assumed_honest, session.params.threshold)  # fmt: skip
             if not math.isclose(bound.sum_bits, admission.bound.update_bits, rel_tol=1e-12):
                 raise GateRefusal("secagg-bound", "the admitted bound is not the sum's bound")
-            ran, state = hospital.sandboxed(message_to_bytes(plain), context, admission.run_id, app_source, arrived)
+            ran, state = hospital.sandboxed(message_to_bytes(plain), context, admission.run_id, app_source, arrived,
+                                            kind=admission.message_type)  # fmt: skip
             outcome = _for_rules(ran)
         chosen = bound
 
