@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from types import FrameType
 
 from fedgate.sandbox import procs
 
@@ -63,15 +64,32 @@ def _reap(pids: list[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
+def in_import(frame: FrameType | None) -> bool:
+    """Whether this frame runs inside Python's import system."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGTERM (systemd, `kill`) and SIGINT (Ctrl-C) both raise KeyboardInterrupt in the main
-    thread, so one code path stops the run. Elsewhere (tests) it does nothing."""
+    thread, so one code path stops the run. Elsewhere (tests) it does nothing.
+
+    Never inside an import: raised there, it can leave one of the import system's locks held,
+    and the hospitals' threads, importing as they start, then wait for it forever while the main
+    thread waits for them (a hang seen under CI's load). The signal is sent to the main thread
+    again 50 ms later (a real signal: it also ends a blocking wait), until the import is done."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(signum: int, frame: object) -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if in_import(frame):
+            threading.Timer(0.05, signal.pthread_kill, args=(threading.main_thread().ident, signum)).start()
+            return
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
