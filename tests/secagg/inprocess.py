@@ -44,7 +44,13 @@ class InProcessHospital(Hospital):
         self.seen: list[tuple[bytes, bytes]] = []  # (instruction, context) as the ClientApp got them
 
     def sandboxed(
-        self, instruction: bytes, context: bytes, run_id: int, app_source: Any, arrived: float | None = None
+        self,
+        instruction: bytes,
+        context: bytes,
+        run_id: int,
+        app_source: Any,
+        arrived: float | None = None,
+        kind: str = "",
     ) -> tuple[AppOutcome, bytes | None]:
         self.seen.append((instruction, context))
         isolation = {"mode": "in-process-test", "enforced": False, "layers": []}

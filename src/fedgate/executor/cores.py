@@ -24,18 +24,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GATHER_S = 0.05  # Flower's engine puts a round's messages in its queue within one 0.1 s sweep
 KEYS_KEPT = 256  # (hospital, message type) durations remembered; a hostile server's invented types age out
 KIND_CHARS = 64
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Ticket:
-    seq: int
-    key: tuple[str, str] = field(compare=False)
-    arrived: float = field(compare=False)
+    seq: int  # arrival order
+    key: tuple[str, str]  # (hospital, message type)
+    arrived: float
 
 
 class CoreScheduler:
