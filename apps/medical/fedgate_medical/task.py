@@ -85,9 +85,9 @@ def new_model(cfg: AppConfig, n_classes: int = 2) -> nn.Module:
 @contextmanager
 def channels_last(model: nn.Module) -> Iterator[nn.Module]:
     """The network's convolutions in the channels-last (NHWC) layout while it works: on one CPU
-    thread the small CNN trains an epoch in 0.79x the time, and evaluates (with batches of 64)
-    in 0.55x (`python benchmarks/app_layout.py`). The weights return to the default layout after, so
-    the arrays a hospital sends are laid out as before."""
+    thread the small CNN trains an epoch in 0.76x the time, and evaluates (with batches of 64)
+    in 0.28x (`python benchmarks/app_layout.py`, against the default layout). The weights return
+    to the default layout after, so the arrays a hospital sends are laid out as before."""
     model.to(memory_format=torch.channels_last)
     try:
         yield model
