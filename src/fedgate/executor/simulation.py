@@ -62,6 +62,11 @@ class RunSpec:
     landlock: bool = True
 
 
+# Each actor is a process with Ray and Flower loaded (~4 s of CPU to start on this machine): past
+# this many hospitals, some of a round's tasks reach the core scheduler in Flower's order.
+RELAY_ACTORS_MAX = 16
+
+
 def check_out_dir(out_dir: Path) -> str:
     """A usable run folder, or a one-line error. Returns "new" (empty or absent) or
     "continuing" (it holds fedgate hospitals or runs: the same hospitals take part again)."""
@@ -269,8 +274,9 @@ def _simulate(
         "ray_dir": ray_dir,
         "verbose": spec.verbose,
         # Sandboxed, an actor only relays bytes and the hospitals take turns for the cores
-        # (executor/cores.py): one per hospital. Unsandboxed, the actors run the ClientApps.
-        "actors": spec.hospitals if spec.isolation == "sandbox" else min(os.cpu_count() or 1, spec.hospitals),
+        # (executor/cores.py): one per hospital, up to RELAY_ACTORS_MAX. Unsandboxed, the actors
+        # run the ClientApps: one per core.
+        "actors": min(spec.hospitals, RELAY_ACTORS_MAX if spec.isolation == "sandbox" else os.cpu_count() or 1),
     }
     sandbox, argv, env = _server_side(spec, run_dir, relay, sim_spec, token)
     with (run_dir / "simulation.log").open("wb") as log:
