@@ -111,6 +111,17 @@ class Usage:
         return self.resident_mb + lag_pages * PAGE_KB / 1024
 
 
+GONE = ("Z", "X")  # states of a process (or thread) that runs no more
+
+
+def _stat(path: Path) -> list[str] | None:
+    """The fields of a /proc stat file after the command name (state first); None: gone."""
+    try:
+        return path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _memory_of(pid: int, state: str) -> Path | None:
     """Where a process's memory is read: its own /proc entry, or, for a thread-group leader that
     exited while its other threads run on (state Z, its memory still held, its own statm 0), a
@@ -119,9 +130,9 @@ def _memory_of(pid: int, state: str) -> Path | None:
         return Path(f"/proc/{pid}")
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, IndexError):
-                if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                    return task
+            fields = _stat(task / "stat")
+            if fields is not None and fields[0] not in GONE:
+                return task
     return None
 
 
@@ -131,9 +142,8 @@ def usage(pids: list[int], proportional: bool = False) -> Usage:
     resident_kb = memory_kb = 0
     ticks = live = threads = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        fields = _stat(Path(f"/proc/{pid}/stat"))
+        if fields is None:
             continue
         ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime (a leader's: its whole group's)
         where = _memory_of(pid, fields[0])
@@ -174,8 +184,5 @@ def kill_tree(root: int, timeout_s: float = 10.0) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = _stat(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] not in GONE

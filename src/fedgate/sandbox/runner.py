@@ -451,8 +451,9 @@ class _Monitor:
     def _sample(self, count: int) -> procs.Usage:
         assert self.worker.proc is not None
         pids = procs.descendants(self.worker.proc.pid)
-        use = procs.usage(pids)
-        if use.resident_bound_mb >= self.worker.spec.limits.memory_mb or count % self.exact_every == 1:
+        exact = count % self.exact_every == 1
+        use = procs.usage(pids, proportional=exact)
+        if not exact and use.resident_bound_mb >= self.worker.spec.limits.memory_mb:
             use = procs.usage(pids, proportional=True)
         return use
 
